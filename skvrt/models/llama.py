@@ -1,0 +1,204 @@
+"""Llama-family decoder (SmolLM/SmolLM2, Llama 2/3, TinyLlama) on NumPy float32.
+
+References: transformers `modeling_llama.py` (numerics, weight names), mlx-lm `models/llama.py` (layout).
+The KV cache is handed to `Model.forward`; attention over cached tokens is the cache's job, so the model
+never assumes keys are stored dense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from .. import ops
+from ..errors import ConfigError, ModelLoadError
+
+REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    rope_theta: float
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    model_type: str = "llama"
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ModelArgs":
+        """Build from a config.json dict; unknown keys are ignored, derived defaults filled in."""
+        missing = [k for k in REQUIRED if config.get(k) is None]
+        rope = config.get("rope_parameters") or {}
+        theta = config.get("rope_theta", rope.get("rope_theta"))
+        if theta is None:
+            missing.append("rope_theta")
+        if missing:
+            raise ConfigError(f"config.json is missing required field(s): {', '.join(missing)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k in fields and v is not None}
+        kwargs["rope_theta"] = float(theta)
+        scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        kwargs["rope_scaling"] = scaling
+        args = cls(**kwargs)
+        args.validate()
+        return args
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.hidden_act not in ("silu", "swish"):
+            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (llama uses 'silu')")
+        rope_inv_freq(self)  # raises on unsupported rope scaling
+
+    @property
+    def n_rep(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+def rope_inv_freq(args: ModelArgs) -> np.ndarray:
+    """(head_dim/2,) float32 inverse frequencies, with llama3 / linear rope_scaling applied."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    inv = inv.astype(np.float32)
+    sc = args.rope_scaling
+    if not sc:
+        return inv
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return (inv / np.float32(sc["factor"])).astype(np.float32)
+    if kind == "llama3":
+        # transformers `_compute_llama3_parameters`
+        factor = sc["factor"]
+        low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old_ctx = sc["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        out = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, out).astype(np.float32)
+    raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+class Layer:
+    """One decoder block's weights, fused for fewer BLAS calls: qkv (out, in) and gate|up (2F, in)."""
+
+    def __init__(self, args: ModelArgs, w: dict[str, np.ndarray], i: int):
+        p = f"model.layers.{i}."
+        get = lambda name: _take(w, p + name)  # noqa: E731
+        self.input_norm = get("input_layernorm.weight")
+        self.post_norm = get("post_attention_layernorm.weight")
+        q, k, v = get("self_attn.q_proj.weight"), get("self_attn.k_proj.weight"), get("self_attn.v_proj.weight")
+        self.wqkv = np.ascontiguousarray(np.concatenate([q, k, v], axis=0))  # ((nq+2nkv)*D, H)
+        self.bqkv = None
+        if args.attention_bias:
+            bq, bk, bv = get("self_attn.q_proj.bias"), get("self_attn.k_proj.bias"), get("self_attn.v_proj.bias")
+            self.bqkv = np.concatenate([bq, bk, bv])
+        self.wo = get("self_attn.o_proj.weight")  # (H, nq*D)
+        self.bo = get("self_attn.o_proj.bias") if args.attention_bias else None
+        g, u = get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")
+        self.wgu = np.ascontiguousarray(np.concatenate([g, u], axis=0))  # (2F, H)
+        self.wdown = get("mlp.down_proj.weight")  # (H, F)
+
+
+def _take(w: dict[str, np.ndarray], name: str) -> np.ndarray:
+    if name not in w:
+        raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
+    return np.ascontiguousarray(w.pop(name), dtype=np.float32)
+
+
+def sanitize(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Map checkpoint names to HF llama names (drops rotary buffers some checkpoints carry)."""
+    return {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+
+
+class Model:
+    """forward(tokens, cache) -> logits. Weights float32, shapes (out_features, in_features) as in HF."""
+
+    def __init__(self, args: ModelArgs, weights: dict[str, np.ndarray]):
+        self.args = args
+        w = sanitize(dict(weights))
+        self.embed = _take(w, "model.embed_tokens.weight")  # (V, H)
+        if self.embed.shape != (args.vocab_size, args.hidden_size):
+            raise ModelLoadError(
+                f"model.embed_tokens.weight has shape {self.embed.shape}, config says "
+                f"({args.vocab_size}, {args.hidden_size})"
+            )
+        self.layers = [Layer(args, w, i) for i in range(args.num_hidden_layers)]
+        self.norm = _take(w, "model.norm.weight")
+        if "lm_head.weight" in w and not args.tie_word_embeddings:
+            self.lm_head = _take(w, "lm_head.weight")
+        elif args.tie_word_embeddings:
+            w.pop("lm_head.weight", None)
+            self.lm_head = self.embed
+        else:
+            raise ModelLoadError("lm_head.weight is missing and tie_word_embeddings is false")
+        self.inv_freq = rope_inv_freq(args)
+        self.eps = np.float32(args.rms_norm_eps)
+
+    @property
+    def n_layers(self) -> int:
+        return self.args.num_hidden_layers
+
+    def forward(self, tokens: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
+        """tokens: (T,) ids appended after the cache's contents -> logits (T, V) or (1, V) for the last token.
+
+        The cache stores the new keys/values of every layer and computes attention over everything it holds.
+        """
+        a = self.args
+        T = len(tokens)
+        nq, nkv, D = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        positions = np.arange(cache.offset, cache.offset + T, dtype=np.int64)  # (T,)
+        cos, sin = ops.rope_tables(self.inv_freq, positions)  # (T, D)
+        x = self.embed[tokens]  # (T, H)
+        for li, layer in enumerate(self.layers):
+            h = ops.rms_norm(x, layer.input_norm, self.eps)
+            qkv = h @ layer.wqkv.T  # (T, (nq + 2 nkv) D)
+            if layer.bqkv is not None:
+                qkv += layer.bqkv
+            qkv = qkv.reshape(T, nq + 2 * nkv, D).transpose(1, 0, 2)  # (heads, T, D)
+            q = ops.apply_rope(qkv[:nq], cos, sin)  # (nq, T, D)
+            k = ops.apply_rope(qkv[nq : nq + nkv], cos, sin)  # (nkv, T, D), post-RoPE
+            v = qkv[nq + nkv :]  # (nkv, T, D)
+            cache.append(li, k, v)
+            attn = cache.attend(li, q, positions)  # (nq, T, D)
+            o = attn.transpose(1, 0, 2).reshape(T, nq * D) @ layer.wo.T  # (T, H)
+            if layer.bo is not None:
+                o += layer.bo
+            x = x + o
+            h = ops.rms_norm(x, layer.post_norm, self.eps)
+            gu = h @ layer.wgu.T  # (T, 2F)
+            F = gu.shape[1] // 2
+            x = x + (ops.silu(gu[:, :F]) * gu[:, F:]) @ layer.wdown.T
+        cache.advance(T)
+        x = x if all_logits else x[-1:]
+        x = ops.rms_norm(x, self.norm, self.eps)
+        return x @ self.lm_head.T  # (T or 1, V)
