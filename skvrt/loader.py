@@ -80,3 +80,51 @@ def load_folder(folder: str | Path) -> LoadedModel:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but config vocab_size is {args.vocab_size}")
     model = arch.Model(args, load_weights(folder))
     return LoadedModel(folder, config, model, tokenizer, gen)
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """Tensor name -> (dtype, shape) from a safetensors header, without reading the data."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"{path} is too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{path} has a corrupt safetensors header: {e}") from None
+    return {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def describe(folder: str | Path) -> dict:
+    """What `skvrt info` prints: architecture, sizes, parameters, KV bytes per token."""
+    folder = Path(folder)
+    config = load_config(folder)
+    _, a = load_args(config)
+    shapes: dict = {}
+    for f in weight_files(folder):
+        shapes.update(safetensors_shapes(f))
+    n_params = sum(int(np.prod(s)) for _, s in shapes.values())
+    dtypes = sorted({d for d, _ in shapes.values()})
+    kv_fp16 = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 2
+    return {
+        "path": str(folder),
+        "architecture": a.model_type,
+        "layers": a.num_hidden_layers,
+        "hidden_size": a.hidden_size,
+        "intermediate_size": a.intermediate_size,
+        "query_heads": a.num_attention_heads,
+        "kv_heads": a.num_key_value_heads,
+        "head_dim": a.head_dim,
+        "vocab_size": a.vocab_size,
+        "context_length": a.max_position_embeddings,
+        "rope_theta": a.rope_theta,
+        "rope_scaling": a.rope_scaling or "none",
+        "tied_embeddings": a.tie_word_embeddings,
+        "parameters": n_params,
+        "weights_dtype": ",".join(dtypes),
+        "kv_bytes_per_token_fp16": kv_fp16,
+        "kv_bytes_full_context_fp16": kv_fp16 * a.max_position_embeddings,
+    }
