@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 from .errors import InputError
 from .generate import GenerationResponse, check_fits, stream_generate
-from .kv.cache import PagedKVCache
+from .kv import make_cache
 from .loader import LoadedModel, load_folder
 from .sample import SamplerSettings, make_sampler
 from .threads import set_threads
@@ -24,14 +24,15 @@ from .threads import set_threads
 
 class LLM:
     def __init__(self, loaded: LoadedModel, n_ctx: int | None = None, kv_dtype: str = "float16",
-                 threads: int | None = None):
+                 threads: int | None = None, kv_policy: str = "full"):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.args = loaded.model.args
         self.threads = set_threads(threads)
         n_ctx = n_ctx or self.args.max_position_embeddings
-        self.cache = PagedKVCache.for_model(self.args, n_ctx, kv_dtype)
+        self.kv_policy = kv_policy
+        self.cache = make_cache(self.args, n_ctx, kv_policy, kv_dtype)
         self.cached_tokens: list[int] = []  # token ids whose K/V the cache holds, in order
         self.last_stats: GenerationResponse | None = None
 
@@ -97,8 +98,8 @@ class LLM:
 
 
 def load(model: str | None = None, n_ctx: int | None = None, kv_dtype: str = "float16",
-         threads: int | None = None) -> LLM:
+         threads: int | None = None, kv_policy: str = "full") -> LLM:
     """Load a model folder, a .gguf file, or a known model name (default: smollm2-135m-instruct)."""
     from .store import resolve
 
-    return LLM(load_folder(resolve(model)), n_ctx=n_ctx, kv_dtype=kv_dtype, threads=threads)
+    return LLM(load_folder(resolve(model)), n_ctx=n_ctx, kv_dtype=kv_dtype, threads=threads, kv_policy=kv_policy)

@@ -1,0 +1,379 @@
+"""skvrt vs llama.cpp (llama-cpp-python) on the same model, the same prompts, the same thread count, in one run.
+
+    OPENBLAS_NUM_THREADS=1 python bench/llamacpp_compare.py --threads 1 --repeats 3 --out bench_result.md
+
+What it does (DESIGN.md section 8):
+- builds one synthetic prompt per context length with skvrt's tokenizer (`skvrt.bench.synthetic_prompt`) and
+  hands the *token ids* to both engines, so both see identical prompts;
+- skvrt: one fresh process per context (this script in `--worker skvrt` mode, run with this Python): load,
+  warm up, then `repeats` runs of prefill + n_decode greedy steps (cache reset in between), via
+  `skvrt.bench.run_bench`; peak RSS is that process's ru_maxrss;
+- llama.cpp: one fresh process per (KV type, context, repeat) (this script in `--worker llama` mode, run with
+  `--llama-python`, which needs only llama_cpp and numpy), n_ctx 8192, n_threads = n_threads_batch = the
+  BLAS thread count skvrt runs with, greedy (argmax of the last logits), the same GGUF file; KV types f16
+  (flash attention off, llama.cpp's fastest CPU setting here) and q4_0 K and V with flash attention;
+  prefill timed around `Llama.eval(prompt)`, each decode step around argmax + `Llama.eval([token])`;
+- writes a markdown report (header: command, machine, date, BLAS threads) with both engines and the ratios
+  skvrt / llama.cpp; `--json FILE` also keeps the raw numbers.
+
+KV bytes/token: skvrt's from `PagedKVCache.stats()` (pages really in use, page metadata included);
+llama.cpp's from the model metadata: 2 (K,V) x layers x kv_heads x head_dim x bytes per element (f16: 2;
+q4_0: 18 bytes per 32 elements), the same for every token (llama.cpp allocates the whole n_ctx cache at load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LLAMA_KV = {
+    # name: (type_k = type_v, flash_attn, bytes per element)
+    "f16": (1, False, 2.0),  # GGML_TYPE_F16
+    "f16-fa": (1, True, 2.0),
+    "q8_0": (8, True, 34 / 32),  # GGML_TYPE_Q8_0
+    "q4_0": (2, True, 18 / 32),  # GGML_TYPE_Q4_0
+}
+DEFAULT_LLAMA_PYTHON = "/work/llamavenv/bin/python"
+
+
+def _summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+# ---- workers (run in fresh processes) -------------------------------------------------------------------
+
+def worker_llama(spec: dict) -> dict:
+    """One llama.cpp run: load, warm up, prefill spec['ids'], n_decode greedy steps. Needs llama_cpp + numpy."""
+    import ctypes
+
+    import numpy as np
+    from llama_cpp import Llama
+    import llama_cpp
+
+    type_kv, flash, bytes_per_el = LLAMA_KV[spec["kv"]]
+    llm = Llama(model_path=spec["gguf"], n_ctx=spec["n_ctx"], n_threads=spec["threads"],
+                n_threads_batch=spec["threads"], type_k=type_kv, type_v=type_kv, flash_attn=flash,
+                n_gpu_layers=0, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def last_logits():
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
+
+    ids = spec["ids"]
+    if spec.get("warmup", True):  # same warm-up as skvrt's: a short prompt and one step, then clear
+        llm.eval(ids[:64])
+        llm.eval([int(np.argmax(last_logits()))])
+        llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t_prefill = time.perf_counter() - t0
+    steps, tokens = [], []
+    for _ in range(spec["n_decode"]):
+        t0 = time.perf_counter()
+        token = int(np.argmax(last_logits()))
+        llm.eval([token])
+        steps.append(time.perf_counter() - t0)
+        tokens.append(token)
+    md = llm.metadata
+    arch = md.get("general.architecture", "llama")
+    n_layers = int(md[f"{arch}.block_count"])
+    n_head = int(md[f"{arch}.attention.head_count"])
+    n_kv = int(md.get(f"{arch}.attention.head_count_kv", n_head))
+    head_dim = int(md.get(f"{arch}.attention.key_length", int(md[f"{arch}.embedding_length"]) // n_head))
+    kv_bpt = 2 * n_layers * n_kv * head_dim * bytes_per_el
+    return {
+        "prefill_s": t_prefill,
+        "step_s": steps,
+        "tokens": tokens,
+        "peak_rss_mb": _peak_rss_mb(),
+        "kv_bytes_per_token": kv_bpt,
+        "llama_cpp_version": getattr(llama_cpp, "__version__", "?"),
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        "n_batch": llm.n_batch,
+    }
+
+
+def worker_skvrt(spec: dict) -> dict:
+    """One context in one process: skvrt.bench.run_bench with the given ids; adds the greedy tokens."""
+    import numpy as np
+
+    import skvrt
+    from skvrt.bench import bench_meta, run_bench
+
+    llm = skvrt.load(spec["model"], n_ctx=spec["n_ctx"], kv_dtype=spec["kv_dtype"], threads=spec["threads"])
+    n = len(spec["ids"])
+    rows = run_bench(llm, [n], n_decode=spec["n_decode"], repeats=spec["repeats"], warmup=True,
+                     prompt_ids={n: spec["ids"]})
+    # The greedy continuation (untimed), to check both engines decode the same text.
+    from skvrt.generate import prefill
+
+    llm.reset()
+    logits = prefill(llm.model, llm.cache, spec["ids"])
+    tokens = []
+    for _ in range(min(spec["n_decode"], 16)):
+        tokens.append(int(np.argmax(logits)))
+        logits = llm.model.forward(np.array([tokens[-1]], dtype=np.int64), llm.cache)[-1]
+    row = rows[0]
+    row["tokens"] = tokens
+    row["peak_rss_mb"] = max(row["peak_rss_mb"], _peak_rss_mb())
+    return {"row": row, "meta": bench_meta(llm, kv_dtype=spec["kv_dtype"])}
+
+
+def run_worker(python: str, kind: str, spec: dict, timeout: float | None, env: dict | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="skvrt-cmp-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        cmd = [python, os.path.abspath(__file__), "--worker", kind, "--spec", str(spec_path),
+               "--result", str(out_path)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{kind} worker timed out after {timeout} s") from None
+        if r.returncode != 0 or not out_path.is_file():
+            tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-15:])
+            raise RuntimeError(f"{kind} worker failed (rc {r.returncode}):\n{tail}")
+        return json.loads(out_path.read_text())
+
+
+# ---- the driver ------------------------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fmt_mmm(s, f="{:.1f}"):
+    if not s:
+        return "–"
+    return f"{f.format(s['median'])} ({f.format(s['min'])}–{f.format(s['max'])})"
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}×" if a and b else "–"
+
+
+def report(res: dict) -> str:
+    m = res["meta"]
+    contexts = res["contexts"]
+    kvs = res["llama_kv"]
+    lines = [
+        "# skvrt vs llama.cpp (CPU)",
+        "",
+        f"- Command: `{m['command']}`",
+        f"- Date: {m['date']}",
+        f"- Machine: {m['machine']}, {m['cpu_count']} CPUs ({m['platform']})",
+        f"- Threads: skvrt BLAS threads {m['skvrt_blas_threads']} ({m['blas']}, OPENBLAS_NUM_THREADS="
+        f"{m['OPENBLAS_NUM_THREADS']}); llama.cpp n_threads = n_threads_batch = {m['threads']}",
+        f"- Software: Python {m['python']}, NumPy {m['numpy']}; llama-cpp-python {m.get('llama_cpp_version', '?')}",
+        f"- llama.cpp system info: `{m.get('llama_system_info', '?')}`",
+        f"- Model: skvrt `{m['skvrt_model']}` (float32 weights, KV {m['skvrt_kv_dtype']}, n_ctx {m['n_ctx']}); "
+        f"llama.cpp `{m['gguf']}` (n_ctx {m['n_ctx']}, n_batch {m.get('llama_n_batch', '?')})",
+        f"- Prompts: synthetic filler text, tokenized by skvrt and cut to N ids; the same ids go to both engines. "
+        f"{m['n_decode']} greedy decode steps after the prompt.",
+        f"- Runs: median (min–max) of {m['repeats']} runs; skvrt: one fresh process per context (after a "
+        "64-token warm-up), cache reset between runs; llama.cpp: one fresh process per run (same warm-up).",
+        "- llama.cpp KV types: " + ", ".join(
+            f"{k} ({'flash attention' if LLAMA_KV[k][1] else 'no flash attention'})" for k in kvs),
+        "",
+        "## Results",
+        "",
+        "| context | engine | prefill tok/s | decode tok/s | decode ms/step | peak RSS MiB | KV bytes/token |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for n in contexts:
+        s = res["skvrt"].get(str(n))
+        if s:
+            lines.append(
+                f"| {n} | skvrt ({m['skvrt_kv_dtype']} KV) | {fmt_mmm(s['prefill_tps'])} | {fmt_mmm(s['decode_tps'])} | "
+                f"{fmt_mmm(s['decode_ms_per_step'])} | {s['peak_rss_mb']:.0f} | {s['kv_bytes_per_token']:,.0f} |")
+        else:
+            lines.append(f"| {n} | skvrt | failed | | | | |")
+        for kv in kvs:
+            L = res["llama"].get(kv, {}).get(str(n))
+            if L:
+                lines.append(
+                    f"| {n} | llama.cpp {kv} KV | {fmt_mmm(L['prefill_tps'])} | {fmt_mmm(L['decode_tps'])} | "
+                    f"{fmt_mmm(L['decode_ms_per_step'])} | {L['peak_rss_mb']['median']:.0f} | "
+                    f"{L['kv_bytes_per_token']:,.0f} |")
+            else:
+                lines.append(f"| {n} | llama.cpp {kv} KV | {res['errors'].get(f'{kv}/{n}', 'not run')} | | | | |")
+    lines += [
+        "",
+        "## Ratios skvrt / llama.cpp (medians; > 1 means skvrt is faster, or uses more memory)",
+        "",
+        "| context | vs | prefill tok/s | decode tok/s | peak RSS | KV bytes/token |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for n in contexts:
+        s = res["skvrt"].get(str(n))
+        for kv in kvs:
+            L = res["llama"].get(kv, {}).get(str(n))
+            if not (s and L):
+                continue
+            lines.append(
+                f"| {n} | {kv} | {ratio(s['prefill_tps']['median'], L['prefill_tps']['median'])} | "
+                f"{ratio(s['decode_tps']['median'], L['decode_tps']['median'])} | "
+                f"{ratio(s['peak_rss_mb'], L['peak_rss_mb']['median'])} | "
+                f"{ratio(s['kv_bytes_per_token'], L['kv_bytes_per_token'])} |")
+    agree = []
+    for n in contexts:
+        s = res["skvrt"].get(str(n))
+        for kv in kvs:
+            L = res["llama"].get(kv, {}).get(str(n))
+            if s and L and s.get("tokens") and L.get("tokens"):
+                a, b = s["tokens"], L["tokens"]
+                k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                agree.append(f"N={n} {kv}: {k}/{min(len(a), len(b))}")
+    if agree:
+        lines += ["", "Greedy tokens identical from the start (skvrt vs llama.cpp, first decoded tokens): "
+                  + "; ".join(agree) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", default="512,2048,7000", help="comma-separated prompt lengths in tokens")
+    p.add_argument("--n-decode", type=int, default=32, help="greedy decode steps timed after the prompt")
+    p.add_argument("--repeats", type=int, default=3, help="runs per context and engine")
+    p.add_argument("--threads", type=int, default=None,
+                   help="skvrt BLAS threads and llama.cpp n_threads [default: skvrt's default]")
+    p.add_argument("--out", default=None, help="markdown report file [default: stdout]")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the raw results as JSON")
+    p.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON, help="python with llama_cpp installed")
+    p.add_argument("--llama-kv", default="f16,q4_0", help=f"llama.cpp KV types, of {','.join(LLAMA_KV)}")
+    p.add_argument("--model", default=None, help="skvrt model (folder / name) [default: the default model]")
+    p.add_argument("--gguf", default=None, help="GGUF for llama.cpp [default: the default model's, from the store]")
+    p.add_argument("--n-ctx", type=int, default=8192, help="context size of both engines")
+    p.add_argument("--kv-dtype", default="float16", help="skvrt dense KV dtype")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
+    p.add_argument("--skip-skvrt", action="store_true")
+    p.add_argument("--skip-llama", action="store_true")
+    p.add_argument("--worker", choices=["skvrt", "llama"], help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.worker:
+        spec = json.loads(Path(a.spec).read_text())
+        out = worker_llama(spec) if a.worker == "llama" else worker_skvrt(spec)
+        Path(a.result).write_text(json.dumps(out))
+        return 0
+
+    from skvrt.bench import bench_meta, blas_threads, synthetic_prompt
+    from skvrt.store import default_gguf_path, resolve
+    from skvrt.threads import default_threads, set_threads
+    from skvrt.tokenizer import Tokenizer
+
+    contexts = [int(x) for x in a.contexts.split(",") if x.strip()]
+    kvs = [k for k in a.llama_kv.split(",") if k]
+    for k in kvs:
+        if k not in LLAMA_KV:
+            p.error(f"unknown --llama-kv {k!r}; known: {', '.join(LLAMA_KV)}")
+    threads = a.threads or default_threads()
+    set_threads(threads)
+    folder = resolve(a.model)
+    gguf = a.gguf or str(default_gguf_path())
+    tok = Tokenizer(folder)
+    prompts = {n: synthetic_prompt(tok, n) for n in contexts}
+    if max(contexts) + a.n_decode > a.n_ctx:
+        p.error(f"the largest context + n-decode exceeds --n-ctx {a.n_ctx}")
+
+    meta = bench_meta()
+    meta.update({
+        "command": "python bench/llamacpp_compare.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
+        "threads": threads, "skvrt_model": str(folder), "gguf": gguf, "n_ctx": a.n_ctx,
+        "skvrt_kv_dtype": a.kv_dtype, "n_decode": a.n_decode, "repeats": a.repeats,
+        "skvrt_blas_threads": blas_threads(),
+    })
+    if os.environ.get("OPENBLAS_NUM_THREADS") is None:
+        meta["OPENBLAS_NUM_THREADS"] = "unset"
+    res = {"meta": meta, "contexts": contexts, "llama_kv": kvs, "skvrt": {}, "llama": {}, "errors": {},
+           "prompt_ids_head": {str(n): prompts[n][:16] for n in contexts}}
+
+    def save():
+        if a.json_out:
+            Path(a.json_out).write_text(json.dumps(res, indent=2))
+
+    if not a.skip_skvrt:
+        for n in contexts:
+            log(f"skvrt: context {n}, {a.repeats} runs")
+            spec = {"model": str(folder), "ids": prompts[n], "n_ctx": a.n_ctx, "kv_dtype": a.kv_dtype,
+                    "threads": threads, "n_decode": a.n_decode, "repeats": a.repeats}
+            try:
+                out = run_worker(sys.executable, "skvrt", spec, a.timeout)
+            except RuntimeError as e:
+                log(str(e))
+                res["errors"][f"skvrt/{n}"] = "failed"
+                continue
+            row = out["row"]
+            res["skvrt"][str(n)] = row
+            meta["skvrt_blas_threads"] = row["blas_threads"]
+            log(f"skvrt: context {n}: prefill {row['prefill_tps']['median']:.1f} tok/s, decode "
+                f"{row['decode_tps']['median']:.1f} tok/s, peak RSS {row['peak_rss_mb']:.0f} MiB")
+            save()
+
+    if not a.skip_llama:
+        for kv in kvs:
+            res["llama"][kv] = {}
+            for n in contexts:
+                runs = []
+                for r in range(a.repeats):
+                    log(f"llama.cpp {kv}: context {n}, run {r + 1}/{a.repeats}")
+                    spec = {"gguf": gguf, "ids": prompts[n], "n_ctx": a.n_ctx, "threads": threads,
+                            "n_decode": a.n_decode, "kv": kv}
+                    try:
+                        runs.append(run_worker(a.llama_python, "llama", spec, a.timeout))
+                    except (RuntimeError, OSError) as e:
+                        log(str(e))
+                        res["errors"][f"{kv}/{n}"] = "failed: " + str(e).splitlines()[0]
+                        break
+                if not runs:
+                    continue
+                first = runs[0]
+                meta["llama_cpp_version"] = first["llama_cpp_version"]
+                meta["llama_system_info"] = first["system_info"]
+                meta["llama_n_batch"] = first["n_batch"]
+                steps = [s * 1e3 for run in runs for s in run["step_s"]]
+                res["llama"][kv][str(n)] = {
+                    "runs": len(runs),
+                    "prefill_tps": _summary([n / run["prefill_s"] for run in runs]),
+                    "decode_tps": _summary([len(run["step_s"]) / sum(run["step_s"]) for run in runs])
+                    if a.n_decode else None,
+                    "decode_ms_per_step": _summary(steps) if steps else None,
+                    "peak_rss_mb": _summary([run["peak_rss_mb"] for run in runs]),
+                    "kv_bytes_per_token": first["kv_bytes_per_token"],
+                    "tokens": first["tokens"],
+                }
+                L = res["llama"][kv][str(n)]
+                log(f"llama.cpp {kv}: context {n}: prefill {L['prefill_tps']['median']:.1f} tok/s, decode "
+                    f"{(L['decode_tps'] or {}).get('median', 0):.1f} tok/s")
+                save()
+
+    text = report(res)
+    save()
+    if a.out:
+        Path(a.out).write_text(text)
+        log(f"wrote {a.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
