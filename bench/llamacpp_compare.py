@@ -62,8 +62,22 @@ def worker_llama(spec: dict) -> dict:
     import ctypes
 
     import numpy as np
-    from llama_cpp import Llama
     import llama_cpp
+    import llama_cpp.llama_cpp as llama_c
+
+    if not spec.get("extra_bufts", False):
+        # Weight repacking into "extra" buffer types off: on this CPU (AVX-512 + AMX) llama.cpp picks its AMX
+        # buffer for the Q4_1 weights, and ggml_backend_amx_mul_mat segfaults in the first llama_decode.
+        # llama-cpp-python has no argument for it, so patch the default model params it starts from.
+        _default = llama_c.llama_model_default_params
+
+        def _params():
+            params = _default()
+            params.use_extra_bufts = False
+            return params
+
+        llama_c.llama_model_default_params = _params
+    from llama_cpp import Llama
 
     type_kv, flash, bytes_per_el = LLAMA_KV[spec["kv"]]
     llm = Llama(model_path=spec["gguf"], n_ctx=spec["n_ctx"], n_threads=spec["threads"],
@@ -106,6 +120,7 @@ def worker_llama(spec: dict) -> dict:
         "llama_cpp_version": getattr(llama_cpp, "__version__", "?"),
         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         "n_batch": llm.n_batch,
+        "extra_bufts": bool(spec.get("extra_bufts", False)),
     }
 
 
@@ -182,7 +197,9 @@ def report(res: dict) -> str:
         f"- Software: Python {m['python']}, NumPy {m['numpy']}; llama-cpp-python {m.get('llama_cpp_version', '?')}",
         f"- llama.cpp system info: `{m.get('llama_system_info', '?')}`",
         f"- Model: skvrt `{m['skvrt_model']}` (float32 weights, KV {m['skvrt_kv_dtype']}, n_ctx {m['n_ctx']}); "
-        f"llama.cpp `{m['gguf']}` (n_ctx {m['n_ctx']}, n_batch {m.get('llama_n_batch', '?')})",
+        f"llama.cpp `{m['gguf']}` (n_ctx {m['n_ctx']}, n_batch {m.get('llama_n_batch', '?')}, "
+        f"use_extra_bufts={m.get('llama_extra_bufts', '?')}: weight repacking / AMX "
+        f"{'on' if m.get('llama_extra_bufts') else 'off, its AMX Q4_1 matmul segfaults on this CPU'})",
         f"- Prompts: synthetic filler text, tokenized by skvrt and cut to N ids; the same ids go to both engines. "
         f"{m['n_decode']} greedy decode steps after the prompt.",
         f"- Runs: median (min–max) of {m['repeats']} runs; skvrt: one fresh process per context (after a "
@@ -261,9 +278,14 @@ def main(argv=None) -> int:
     p.add_argument("--gguf", default=None, help="GGUF for llama.cpp [default: the default model's, from the store]")
     p.add_argument("--n-ctx", type=int, default=8192, help="context size of both engines")
     p.add_argument("--kv-dtype", default="float16", help="skvrt dense KV dtype")
+    p.add_argument("--llama-extra-bufts", action="store_true",
+                   help="let llama.cpp repack weights into extra buffer types (AMX / repack); off by default "
+                        "because its AMX Q4_1 kernel segfaults on this machine")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
     p.add_argument("--skip-skvrt", action="store_true")
     p.add_argument("--skip-llama", action="store_true")
+    p.add_argument("--from-json", default=None,
+                   help="only render the report from a --json file written by an earlier (maybe partial) run")
     p.add_argument("--worker", choices=["skvrt", "llama"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -273,6 +295,14 @@ def main(argv=None) -> int:
         spec = json.loads(Path(a.spec).read_text())
         out = worker_llama(spec) if a.worker == "llama" else worker_skvrt(spec)
         Path(a.result).write_text(json.dumps(out))
+        return 0
+
+    if a.from_json:
+        text = report(json.loads(Path(a.from_json).read_text()))
+        if a.out:
+            Path(a.out).write_text(text)
+        else:
+            sys.stdout.write(text)
         return 0
 
     from skvrt.bench import bench_meta, blas_threads, synthetic_prompt
@@ -336,7 +366,7 @@ def main(argv=None) -> int:
                 for r in range(a.repeats):
                     log(f"llama.cpp {kv}: context {n}, run {r + 1}/{a.repeats}")
                     spec = {"gguf": gguf, "ids": prompts[n], "n_ctx": a.n_ctx, "threads": threads,
-                            "n_decode": a.n_decode, "kv": kv}
+                            "n_decode": a.n_decode, "kv": kv, "extra_bufts": a.llama_extra_bufts}
                     try:
                         runs.append(run_worker(a.llama_python, "llama", spec, a.timeout))
                     except (RuntimeError, OSError) as e:
@@ -349,6 +379,7 @@ def main(argv=None) -> int:
                 meta["llama_cpp_version"] = first["llama_cpp_version"]
                 meta["llama_system_info"] = first["system_info"]
                 meta["llama_n_batch"] = first["n_batch"]
+                meta["llama_extra_bufts"] = first["extra_bufts"]
                 steps = [s * 1e3 for run in runs for s in run["step_s"]]
                 res["llama"][kv][str(n)] = {
                     "runs": len(runs),

@@ -34,18 +34,18 @@ def default_ctx_size(contexts: list[int], n_decode: int) -> int:
 
 def bench(
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", help="HF folder, .gguf file, or known model name [default: smollm2-135m-instruct]"),
+        None, "--model", "-m", help="HF folder, .gguf file, or known model name (default: smollm2-135m-instruct)."),
     contexts: str = typer.Option(
         "512,2048,7000", "--contexts", help="Comma-separated prompt lengths in tokens (synthetic filler text)."),
     n_decode: int = typer.Option(32, "--n-decode", "-n", help="Greedy decode steps timed after each prefill."),
     repeats: int = typer.Option(3, "--repeats", help="Runs per context (cache reset in between); medians reported."),
     threads: Optional[int] = typer.Option(
-        None, "--threads", "-t", help="BLAS threads [default: $SKVRT_THREADS or half the cores]."),
+        None, "--threads", "-t", help="BLAS threads (default: $SKVRT_THREADS or half the cores)."),
     kv_dtype: str = typer.Option("float16", "--kv-dtype", help="Dense KV tier storage: float16 or float32."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the markdown table."),
     ctx_size: Optional[int] = typer.Option(
         None, "--ctx-size", "-c",
-        help="KV cache size in tokens [default: largest context + n-decode, rounded up to 256]."),
+        help="KV cache size in tokens (default: largest context + n-decode, rounded up to 256)."),
     no_warmup: bool = typer.Option(False, "--no-warmup", help="Skip the short untimed warm-up run."),
 ) -> None:
     """Benchmark prefill and decode speed, peak RSS and KV bytes/token at several context lengths."""

@@ -307,7 +307,8 @@ def _tokenizer_files(reader, context_length: int) -> dict[str, object]:
 
 
 # ----------------------------------------------------------------------------------------------- config
-def _llama_config(reader, n_vocab_tokens: int, has_output: bool, dtype: str) -> dict[str, object]:
+def _llama_config(reader, n_vocab_tokens: int, has_output: bool, dtype: str) -> tuple[dict, dict]:
+    """config.json contents (and the tokenizer-side files, which share the special-token ids)."""
     arch = _get(reader, "general.architecture", None)
     if arch != "llama":
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r}: only 'llama' is supported")

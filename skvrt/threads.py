@@ -22,4 +22,12 @@ def set_threads(n: int | None = None) -> int:
 
     n = n or default_threads()
     _limiter = threadpool_limits(limits=n, user_api="blas")
+    global current
+    current = n
+    from . import ckernels
+
+    ckernels.set_threads(n)
     return n
+
+
+current: int | None = None  # threads in force after set_threads (BLAS and the C kernels' OpenMP)

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from .. import ckernels
 from ..errors import ContextOverflowError
 from .attention import attend_dense, gather_dense
 from .pages import PAGE_SIZE, PageTable
@@ -32,6 +33,7 @@ class PagedKVCache:
         self.table = PageTable(n_layers, n_kv_heads, pages_per_head)
         self.offset = 0  # tokens committed (the next token's position)
         self.scale = head_dim ** -0.5
+        self.use_c = ckernels.lib() is not None  # decode steps through the C kernel; NumPy twin otherwise
 
     @classmethod
     def for_model(cls, args, n_ctx: int | None = None, kv_dtype: str = "float16", **kw) -> "PagedKVCache":
@@ -75,6 +77,11 @@ class PagedKVCache:
         """q: (nq, T, D) post-RoPE queries at q_positions (T,) -> (nq, T, D) attention outputs (GQA)."""
         nq, T, D = q.shape
         G = nq // self.n_kv_heads
+        if T == 1 and self.use_c and not (self.table.page_tiers[layer] > DENSE).any():
+            out = np.empty((nq, D), dtype=np.float32)
+            ckernels.dense_decode(np.ascontiguousarray(q[:, 0], dtype=np.float32), self.pools[DENSE],
+                                  self.table.page_ids[layer], self.table.n_pages[layer], self.scale, out)
+            return out[:, None, :]
         out = np.empty_like(q)
         for h in range(self.n_kv_heads):
             ids, tiers = self.table.pages(layer, h)
