@@ -396,11 +396,11 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
 
     reader = open_gguf(src)
     names = [t.name for t in reader.tensors]
-    hf_names = [gguf_to_hf_name(n) for n in names]  # fails early on unknown tensors
-    tokens = _str_list(reader, "tokenizer.ggml.tokens") if "tokenizer.ggml.tokens" in reader.fields else None
-    if tokens is None:
+    if "tokenizer.ggml.tokens" not in reader.fields:
         raise ModelLoadError(f"{src}: GGUF has no tokenizer (tokenizer.ggml.tokens missing)")
-    cfg, tf = _llama_config(reader, len(tokens), "output.weight" in names, dtype)
+    tokens = _str_list(reader, "tokenizer.ggml.tokens")
+    cfg, tf = _llama_config(reader, len(tokens), "output.weight" in names, dtype)  # checks the architecture
+    hf_names = [gguf_to_hf_name(n) for n in names]  # fails early on unknown tensors
     tokenizer = build_tokenizer(reader)
     _check_tensor_types(reader, src)
 
@@ -456,8 +456,13 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
         if out.exists():
             trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(trash / "old", out)  # put the previous folder back
+                raise
+            finally:
+                shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
     except BaseException:
