@@ -169,13 +169,7 @@ def convert(
 
     if dtype not in ("float32", "float16", "bfloat16"):
         raise InputError(f"--dtype must be float32, float16 or bfloat16, not {dtype!r}")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise InputError(f"{out_dir} exists and is not empty; pass --force to overwrite it")
-    if out_dir.exists() and force:
-        import shutil
-
-        shutil.rmtree(out_dir)
-    print(convert_gguf(gguf_file, out_dir, dtype=dtype))
+    print(convert_gguf(gguf_file, out_dir, dtype=dtype, overwrite=force))
 
 
 @app.command()

@@ -23,7 +23,6 @@ from skvrt.errors import (
     ModelLoadError,
     SkvrtError,
 )
-from skvrt.llm import LLM
 from skvrt.loader import load_folder
 from skvrt.safetensors_io import write_safetensors
 
