@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import skvrt
-import skvrt.store
 from skvrt.generate import generate_step, prefill
 from skvrt.kv.cache import PagedKVCache
 from skvrt.loader import load_folder
@@ -45,8 +44,8 @@ N_GREEDY = 48  # tokens generated; at least 40 must be compared
 
 
 @pytest.fixture(scope="module")
-def default_model_dir():
-    return skvrt.store.pull()  # the default model, from $SKVRT_HOME (converted fp32 folder)
+def default_model_dir(converted_default):
+    return converted_default  # conftest: the store's fp32 folder from skvrt.store.pull()
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 
 
 @pytest.fixture(scope="module")
-def default_model_dir():
-    return skvrt.store.pull()
+def default_model_dir(converted_default):
+    return converted_default  # conftest: the store's fp32 folder from skvrt.store.pull()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import skvrt.store
 from skvrt.generate import stream_generate
 from skvrt.kv.cache import PagedKVCache
 from skvrt.llm import LLM
@@ -197,8 +196,8 @@ def test_sampling_distribution_matches_softmax(temp, top_k):
 
 
 @pytest.fixture(scope="module")
-def default_model_dir():
-    return skvrt.store.pull()
+def default_model_dir(converted_default):
+    return converted_default  # conftest: the store's fp32 folder from skvrt.store.pull()
 
 
 @pytest.fixture(scope="module")
