@@ -169,6 +169,8 @@ def convert(
 
     if dtype not in ("float32", "float16", "bfloat16"):
         raise InputError(f"--dtype must be float32, float16 or bfloat16, not {dtype!r}")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise InputError(f"{out_dir} exists and is not empty; pass --force to overwrite it")
     print(convert_gguf(gguf_file, out_dir, dtype=dtype, overwrite=force))
 
 
