@@ -27,11 +27,14 @@ eval_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ModelOpt = typer.Option(None, "--model", "-m", help="HF folder, .gguf file, or known model name [default: smollm2-135m-instruct]")
+ModelOpt = typer.Option(None, "--model", "-m",
+                        help="HF folder, .gguf file, or known model name [default: smollm2-135m-instruct]")
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="BLAS threads [default: $SKVRT_THREADS or half the cores].")
 PolicyOpt = typer.Option("full", "--kv-policy", help="KV policy under test (see skvrt.kv.KV_POLICIES).")
-KvDtypeOpt = typer.Option("float16", "--kv-dtype", help="Dense KV tier storage of the tested cache: float16 or float32.")
-KvOptOpt = typer.Option([], "--kv-opt", help="Policy option key=value, forwarded to make_cache (repeatable; numbers parsed).")
+KvDtypeOpt = typer.Option("float16", "--kv-dtype",
+                          help="Dense KV tier storage of the tested cache: float16 or float32.")
+KvOptOpt = typer.Option([], "--kv-opt",
+                        help="Policy option key=value, forwarded to make_cache (repeatable; numbers parsed).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of markdown.")
 
 
@@ -110,7 +113,7 @@ def _kl_run(model, text, kv_policy, kv_dtype, window, eval_tokens, max_windows, 
         print(report.markdown(ppl_first=ppl_first))
 
 
-def _kl_options(ppl_first: bool, command: str):
+def _kl_options(ppl_first: bool):
     def cmd(
         text: str = typer.Option(..., "--text", help="UTF-8 text file to evaluate on (never calibration text)."),
         model: Optional[str] = ModelOpt,
@@ -118,13 +121,18 @@ def _kl_options(ppl_first: bool, command: str):
         kv_dtype: str = KvDtypeOpt,
         kv_opt: list[str] = KvOptOpt,
         window: int = typer.Option(2048, "--window", help="Tokens per window (cache context N)."),
-        eval_tokens: int = typer.Option(256, "--eval-tokens", help="Scored decode steps at the end of each window (E)."),
-        max_windows: int = typer.Option(8, "--max-windows", help="At most this many windows from the text's start."),
+        eval_tokens: int = typer.Option(256, "--eval-tokens",
+                                        help="Scored decode steps at the end of each window (E)."),
+        max_windows: int = typer.Option(8, "--max-windows",
+                                        help="At most this many windows from the text's start."),
         as_json: bool = JsonOpt,
         threads: Optional[int] = ThreadsOpt,
         cache_ref: Optional[str] = typer.Option(
-            None, "--cache-ref", help="Folder to store / reuse the reference log-probs (float32, ~50 MB per window at E=256)."),
-        ref_mode: str = typer.Option("steps", "--ref-mode", help="Reference path: steps (decode steps) or chunk (one all-logits pass; same numbers within 1e-5)."),
+            None, "--cache-ref",
+            help="Folder to store / reuse the reference log-probs (float32, ~50 MB per window at E=256)."),
+        ref_mode: str = typer.Option(
+            "steps", "--ref-mode",
+            help="Reference path: steps (decode steps) or chunk (one all-logits pass; same numbers within 1e-5)."),
     ):
         _kl_run(model, text, kv_policy, kv_dtype, window, eval_tokens, max_windows, as_json, threads, cache_ref,
                 kv_opt, ref_mode, ppl_first, "skvrt " + " ".join(sys.argv[1:]))
@@ -136,11 +144,11 @@ eval_app.command(
     name="kl",
     help="Mean / p99 KL(ref || test) per token, PPL ratio, top-1 agreement and KV bytes of a policy, teacher-forced "
          "through the decode path, against the same model with a dense float32 cache.",
-)(_kl_options(False, "kl"))
+)(_kl_options(False))
 eval_app.command(
     name="ppl",
     help="Perplexity of a policy and of the dense float32 reference (the same run as `kl`, perplexities first).",
-)(_kl_options(True, "ppl"))
+)(_kl_options(True))
 
 
 @eval_app.command()
@@ -154,13 +162,15 @@ def passkey(
     trials: int = typer.Option(3, "--trials", help="Prompts per (length, depth) cell, each with its own key."),
     seed: int = typer.Option(0, "--seed", help="Seed of the keys."),
     max_tokens: int = typer.Option(8, "--max-tokens", "-n", help="Greedy tokens decoded after the prompt."),
-    compare_full: bool = typer.Option(False, "--compare-full", help="Also run policy full (float16) on the same prompts."),
+    compare_full: bool = typer.Option(False, "--compare-full",
+                                      help="Also run policy full (float16) on the same prompts."),
     as_json: bool = JsonOpt,
     threads: Optional[int] = ThreadsOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print every answer to stderr."),
 ):
     """Passkey retrieval: a 5-digit key hidden in filler at several depths and lengths, greedy decode, exact match."""
-    from skvrt.evaluate import parse_depths, parse_lengths, parse_policy_opts, passkey_prompts, passkey_table, run_passkey
+    from skvrt.evaluate import (parse_depths, parse_lengths, parse_policy_opts, passkey_prompts, passkey_table,
+                                run_passkey)
 
     _check_policy(kv_policy, kv_dtype)
     opts = parse_policy_opts(kv_opt)
@@ -177,16 +187,19 @@ def passkey(
         runs.append(("full", "float16", {}))
     all_results = {}
     for pol, dt, po in runs:
-        label = pol if not po and dt == "float16" else f"{pol} ({dt}{', ' if po else ''}{', '.join(f'{k}={v}' for k, v in po.items())})"
+        extra = ", ".join([dt] + [f"{k}={v}" for k, v in po.items()])
+        label = pol if not po and dt == "float16" else f"{pol} ({extra})"
         ctx, tick = _progress(len(prompts), label)
         with ctx:
             def report(done, total, r, label=label):
-                line = f"{label} {done}/{total}: len {r['length']} depth {r['depth']:.0%} -> {'ok' if r['correct'] else 'miss'}"
+                line = (f"{label} {done}/{total}: len {r['length']} depth {r['depth']:.0%} -> "
+                        f"{'ok' if r['correct'] else 'miss'}")
                 if verbose:
                     line += f" (key {r['key']}, answer {r['answer']!r}, {r['seconds']:.1f}s)"
                 tick(line)
 
-            all_results[label] = run_passkey(loaded.model, loaded.tokenizer, prompts, pol, dt, max_tokens, report, **po)
+            all_results[label] = run_passkey(loaded.model, loaded.tokenizer, prompts, pol, dt, max_tokens, report,
+                                             **po)
     if as_json:
         out = {"lengths": L, "depths": D, "trials": trials, "seed": seed, "policies": {},
                "meta": _meta(folder, n_threads, "skvrt " + " ".join(sys.argv[1:]))}
@@ -206,6 +219,7 @@ def passkey(
         for d in D:
             cells = [f"{tables[lab][(l, d)][0]}/{tables[lab][(l, d)][1]}" for lab in labels]
             lines.append(f"| {l} | {d:.0%} | " + " | ".join(cells) + " |")
-        tot = [f"**{sum(tables[lab][(l, d)][0] for d in D)}/{sum(tables[lab][(l, d)][1] for d in D)}**" for lab in labels]
+        tot = [f"**{sum(tables[lab][(l, d)][0] for d in D)}/{sum(tables[lab][(l, d)][1] for d in D)}**"
+               for lab in labels]
         lines.append(f"| {l} | all | " + " | ".join(tot) + " |")
     print("\n".join(lines))

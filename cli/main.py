@@ -24,7 +24,7 @@ app = typer.Typer(
 )
 
 # ---- the shared option vocabulary ---------------------------------------------------------------------
-ModelOpt = typer.Option(None, "--model", "-m", help="HF folder, .gguf file, or known model name [default: smollm2-135m-instruct]")
+ModelOpt = typer.Option(None, "--model", "-m", help="HF folder, .gguf file, or known model name (default: smollm2-135m-instruct).")
 MaxTokensOpt = typer.Option(256, "--max-tokens", "-n", help="Maximum tokens to generate.")
 TempOpt = typer.Option(0.8, "--temp", help="Sampling temperature; 0 = greedy.")
 TopPOpt = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold; 1 = off.")
@@ -33,8 +33,8 @@ MinPOpt = typer.Option(0.05, "--min-p", help="Drop tokens below min-p x the top 
 RepeatPenaltyOpt = typer.Option(1.0, "--repeat-penalty", help="Repetition penalty over the last 64 tokens; 1 = off.")
 SeedOpt = typer.Option(None, "--seed", help="Random seed; the same seed gives the same tokens.")
 SystemOpt = typer.Option(None, "--system-prompt", "-s", help="System message (chat template).")
-CtxOpt = typer.Option(None, "--ctx-size", "-c", help="Context length in tokens [default: the model's].")
-ThreadsOpt = typer.Option(None, "--threads", "-t", help="BLAS threads [default: $SKVRT_THREADS or half the cores].")
+CtxOpt = typer.Option(None, "--ctx-size", "-c", help="Context length in tokens (default: the model's).")
+ThreadsOpt = typer.Option(None, "--threads", "-t", help="BLAS threads (default: $SKVRT_THREADS, else half the cores).")
 KvDtypeOpt = typer.Option("float16", "--kv-dtype", help="Dense KV tier storage: float16 or float32.")
 
 
@@ -176,7 +176,7 @@ def convert(
 
 @app.command()
 def info(
-    model: Optional[str] = typer.Argument(None, help="HF folder, .gguf file or known model name [default: smollm2-135m-instruct]"),
+    model: Optional[str] = typer.Argument(None, help="HF folder, .gguf file or known model name (default: smollm2-135m-instruct)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Architecture, sizes and KV bytes per token of a model (reads headers only)."""
@@ -191,6 +191,10 @@ def info(
         for k, v in d.items():
             print(f"{k:<{width}}  {v:,}" if type(v) is int else f"{k:<{width}}  {v}")
 
+
+from .eval_cmd import eval_app  # noqa: E402
+
+app.add_typer(eval_app, name="eval", help="Quality of a KV policy: KL / perplexity vs the fp32 cache, passkey retrieval.")
 
 try:
     from .bench_cmd import bench as _bench

@@ -89,6 +89,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def attention_path(llm) -> str:
+    """Which decode-attention code the LLM's cache runs: the C kernel (skvrt.ckernels) or the NumPy twin."""
+    cache = getattr(llm, "cache", None)
+    if getattr(cache, "use_c", False):
+        return "C kernel"
+    try:
+        from . import ckernels
+
+        why = ckernels.build_error
+    except ImportError:
+        why = None
+    return f"NumPy ({why})" if why else "NumPy"
+
+
 def _summary(values: Sequence[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -174,6 +188,7 @@ def run_bench(llm, contexts: Sequence[int] = (512, 2048, 7000), n_decode: int = 
             "n_ctx": llm.n_ctx,
             "threads": getattr(llm, "threads", None),
             "blas_threads": blas_threads(),
+            "decode_attention": attention_path(llm),
         })
     return rows
 
@@ -198,6 +213,7 @@ def bench_meta(llm=None, kv_dtype: str | None = None, command: str | None = None
         meta["n_ctx"] = llm.n_ctx
         meta["kv_dtype"] = kv_dtype or str(llm.cache.pools[0].tier.dtype)
         meta["threads"] = getattr(llm, "threads", None)
+        meta["decode_attention"] = attention_path(llm)
     elif kv_dtype:
         meta["kv_dtype"] = kv_dtype
     if command:
@@ -217,7 +233,8 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
     for key, label in (("command", "Command"), ("date", "Date"), ("machine", "Machine"),
                        ("cpu_count", "CPUs"), ("platform", "Platform"), ("python", "Python"),
                        ("numpy", "NumPy"), ("blas", "BLAS"), ("blas_threads", "BLAS threads"),
-                       ("model", "Model"), ("kv_dtype", "KV dtype"), ("n_ctx", "n_ctx")):
+                       ("model", "Model"), ("kv_dtype", "KV dtype"), ("n_ctx", "n_ctx"),
+                       ("decode_attention", "Decode attention")):
         if meta.get(key) is not None:
             value = f"`{meta[key]}`" if key in ("command", "model") else meta[key]
             lines.append(f"- {label}: {value}")

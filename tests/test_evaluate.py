@@ -66,7 +66,8 @@ def tiny(tmp_path_factory):
     (folder / "config.json").write_text(json.dumps(cfg))
     rng = np.random.default_rng(0)
     D = HIDDEN // NQ
-    w = {"model.embed_tokens.weight": rng.normal(0, 0.5, (V, HIDDEN)), "model.norm.weight": rng.uniform(0.5, 1.5, HIDDEN)}
+    w = {"model.embed_tokens.weight": rng.normal(0, 0.5, (V, HIDDEN)),
+         "model.norm.weight": rng.uniform(0.5, 1.5, HIDDEN)}
     for i in range(LAYERS):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, HIDDEN)
