@@ -36,6 +36,8 @@ SystemOpt = typer.Option(None, "--system-prompt", "-s", help="System message (ch
 CtxOpt = typer.Option(None, "--ctx-size", "-c", help="Context length in tokens (default: the model's).")
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="BLAS threads (default: $SKVRT_THREADS, else half the cores).")
 KvDtypeOpt = typer.Option("float16", "--kv-dtype", help="Dense KV tier storage: float16 or float32.")
+KvPolicyOpt = typer.Option("full", "--kv-policy", help="KV cache policy: full, window (sinks + recent), quant (int4 K/V for old tokens).")
+KvOptOpt = typer.Option([], "--kv-opt", help="Policy option key=value (repeatable): sinks, window, k_bits, v_bits, v_group.")
 
 
 def sampling(temp, top_p, top_k, min_p, repeat_penalty, seed) -> dict:
@@ -62,10 +64,13 @@ def read_prompt(prompt: str) -> str:
         raise InputError(f"stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
-def load_llm(model, ctx_size, threads, kv_dtype):
+def load_llm(model, ctx_size, threads, kv_dtype, kv_policy="full", kv_opt=()):
     import skvrt
+    from skvrt.evaluate import parse_policy_opts
 
-    return skvrt.load(model, n_ctx=ctx_size, kv_dtype=check_kv_dtype(kv_dtype), threads=threads)
+    opts = parse_policy_opts(list(kv_opt))
+    return skvrt.load(model, n_ctx=ctx_size, kv_dtype=check_kv_dtype(kv_dtype), threads=threads,
+                      kv_policy=kv_policy, kv_opts=opts)
 
 
 def print_stats(r, llm, file=sys.stderr) -> None:
@@ -98,6 +103,8 @@ def run(
     ctx_size: Optional[int] = CtxOpt,
     threads: Optional[int] = ThreadsOpt,
     kv_dtype: str = KvDtypeOpt,
+    kv_policy: str = KvPolicyOpt,
+    kv_opt: list[str] = KvOptOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory stats to stderr."),
 ):
     """Generate a completion for one prompt and stream it to stdout."""
@@ -105,7 +112,7 @@ def run(
     if not text.strip():
         raise InputError("the prompt is empty")
     opts = sampling(temp, top_p, top_k, min_p, repeat_penalty, seed)
-    llm = load_llm(model, ctx_size, threads, kv_dtype)
+    llm = load_llm(model, ctx_size, threads, kv_dtype, kv_policy, kv_opt)
     if raw:
         stream = llm.stream(text, max_tokens, stop=stop, **opts)
     else:
@@ -137,12 +144,14 @@ def chat(
     ctx_size: Optional[int] = CtxOpt,
     threads: Optional[int] = ThreadsOpt,
     kv_dtype: str = KvDtypeOpt,
+    kv_policy: str = KvPolicyOpt,
+    kv_opt: list[str] = KvOptOpt,
 ):
     """Interactive chat (REPL). /help lists commands; Ctrl-C stops a reply, Ctrl-C at the prompt exits."""
     from .repl import ChatREPL
 
     opts = sampling(temp, top_p, top_k, min_p, repeat_penalty, seed)
-    llm = load_llm(model, ctx_size, threads, kv_dtype)
+    llm = load_llm(model, ctx_size, threads, kv_dtype, kv_policy, kv_opt)
     ChatREPL(llm, system_prompt, max_tokens, opts).loop()
 
 

@@ -24,7 +24,7 @@ from .threads import set_threads
 
 class LLM:
     def __init__(self, loaded: LoadedModel, n_ctx: int | None = None, kv_dtype: str = "float16",
-                 threads: int | None = None, kv_policy: str = "full"):
+                 threads: int | None = None, kv_policy: str = "full", kv_opts: dict | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -32,7 +32,7 @@ class LLM:
         self.threads = set_threads(threads)
         n_ctx = n_ctx or self.args.max_position_embeddings
         self.kv_policy = kv_policy
-        self.cache = make_cache(self.args, n_ctx, kv_policy, kv_dtype)
+        self.cache = make_cache(self.args, n_ctx, kv_policy, kv_dtype, **(kv_opts or {}))
         self.cached_tokens: list[int] = []  # token ids whose K/V the cache holds, in order
         self.last_stats: GenerationResponse | None = None
 
@@ -98,8 +98,12 @@ class LLM:
 
 
 def load(model: str | None = None, n_ctx: int | None = None, kv_dtype: str = "float16",
-         threads: int | None = None, kv_policy: str = "full") -> LLM:
-    """Load a model folder, a .gguf file, or a known model name (default: smollm2-135m-instruct)."""
+         threads: int | None = None, kv_policy: str = "full", kv_opts: dict | None = None) -> LLM:
+    """Load a model folder, a .gguf file, or a known model name (default: smollm2-135m-instruct).
+
+    kv_policy: see skvrt.kv.KV_POLICIES ("full", "window", "quant"); kv_opts: that policy's options,
+    e.g. {"window": 128} or {"k_bits": 2, "v_bits": 4}."""
     from .store import resolve
 
-    return LLM(load_folder(resolve(model)), n_ctx=n_ctx, kv_dtype=kv_dtype, threads=threads, kv_policy=kv_policy)
+    return LLM(load_folder(resolve(model)), n_ctx=n_ctx, kv_dtype=kv_dtype, threads=threads, kv_policy=kv_policy,
+               kv_opts=kv_opts)

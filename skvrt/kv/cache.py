@@ -3,10 +3,16 @@
 Layers call `cache.append(layer, k, v)` then `cache.attend(layer, q, positions)`; after a forward pass the
 model calls `cache.advance(T)`. Storage is a set of preallocated, tier-homogeneous page pools
 (`skvrt.kv.pool`) addressed through a page table (`skvrt.kv.pages`, where the contract is written).
+
+New tokens always enter the dense tier (pool 0). Under a compressing policy, `advance` moves tokens that
+left the recent window -- except the first `sinks` -- out of the dense tier a page at a time: re-encoded into
+the policy's old-token tier (pool 1), or dropped. So the dense tier holds sinks + between `window` and
+`window + P - 1` recent tokens (+ the chunk being prefilled), and memory stays bounded between prefill chunks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -15,25 +21,46 @@ from .. import ckernels
 from ..errors import ContextOverflowError
 from .attention import attend_dense, gather_dense
 from .pages import PAGE_SIZE, PageTable
-from .pool import DenseTier, TierPool
+from .pool import TierPool
+from .tiers import DenseTier
 
 DENSE = 0  # tier index of the dense tier
+OLD = 1  # tier index of the policy's old-token tier, when it has one
+MAX_CHUNK = 512  # largest forward() a compressing policy's dense pool is sized for
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """What happens to tokens that leave the recent window. keep_all: full cache (nothing leaves)."""
+
+    name: str = "full"
+    sinks: int = 4
+    window: int = 64
+    old_tier: object | None = None  # a tier from skvrt.kv.tiers, or None = drop
+    keep_all: bool = True
 
 
 class PagedKVCache:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, n_ctx: int,
-                 kv_dtype: str = "float16", page_size: int = PAGE_SIZE):
+                 kv_dtype: str = "float16", page_size: int = PAGE_SIZE, policy: Policy = Policy()):
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.n_ctx = n_ctx
-        self.page_size = page_size
-        pages_per_head = math.ceil(n_ctx / page_size)
-        self.pools: list[TierPool] = [
-            TierPool(DenseTier(kv_dtype), n_layers * n_kv_heads * pages_per_head, page_size, head_dim)
-        ]
-        self.table = PageTable(n_layers, n_kv_heads, pages_per_head)
+        self.page_size = P = page_size
+        self.policy = policy
+        heads = n_layers * n_kv_heads
+        all_pages = math.ceil(n_ctx / P)
+        if policy.keep_all:
+            dense_pages = all_pages
+        else:  # sinks + window + one page being filled + a prefill chunk, each possibly page-misaligned
+            dense_pages = min(all_pages, math.ceil((policy.sinks + policy.window + P + MAX_CHUNK) / P) + 3)
+        self.pools: list[TierPool] = [TierPool(DenseTier(kv_dtype), heads * dense_pages, P, head_dim)]
+        if not policy.keep_all and policy.old_tier is not None:
+            self.pools.append(TierPool(policy.old_tier, heads * all_pages, P, head_dim))
+        self.table = PageTable(n_layers, n_kv_heads, all_pages + dense_pages)
         self.offset = 0  # tokens committed (the next token's position)
+        self.n_old = 0  # tokens moved out of the dense tier: positions [sinks, sinks + n_old)
         self.scale = head_dim ** -0.5
-        self.use_c = ckernels.lib() is not None  # decode steps through the C kernel; NumPy twin otherwise
+        self.use_c = ckernels.lib() is not None  # dense decode steps through the C kernel; NumPy otherwise
 
     @classmethod
     def for_model(cls, args, n_ctx: int | None = None, kv_dtype: str = "float16", **kw) -> "PagedKVCache":
@@ -49,6 +76,8 @@ class PagedKVCache:
             raise ContextOverflowError(
                 f"context full: {self.offset} cached + {T} new tokens > n_ctx {self.n_ctx}"
             )
+        if not self.policy.keep_all and T > MAX_CHUNK:
+            raise ValueError(f"forward chunks must be <= {MAX_CHUNK} tokens under the {self.policy.name} policy")
         pool = self.pools[DENSE]
         P = self.page_size
         positions = np.arange(self.offset, self.offset + T, dtype=np.int32)
@@ -62,30 +91,95 @@ class PagedKVCache:
                     self.table.push(layer, h, pid, DENSE)
                 f = int(pool.fill[pid])
                 n = min(P - f, T - t)
-                pool.k[pid, f : f + n] = k[h, t : t + n]
-                pool.v[pid, f : f + n] = v[h, t : t + n]
+                pool.tier.write(pool.data, pid, f, k[h, t : t + n], v[h, t : t + n])
                 pool.positions[pid, f : f + n] = positions[t : t + n]
                 pool.fill[pid] = f + n
                 t += n
 
     def advance(self, n_tokens: int) -> None:
         self.offset += n_tokens
+        p = self.policy
+        if p.keep_all:
+            return
+        P = self.page_size
+        while self.offset - p.window - p.sinks - self.n_old >= P:
+            lo = p.sinks + self.n_old
+            for layer in range(self.n_layers):
+                for h in range(self.n_kv_heads):
+                    self._move_old(layer, h, lo, lo + P)
+            self.n_old += P
+
+    def _move_old(self, layer: int, h: int, lo: int, hi: int) -> None:
+        """Take positions [lo, hi) out of the dense pages of (layer, h): encode them into one page of the
+        old-token tier, or drop them. Emptied dense pages go back to the pool."""
+        dense = self.pools[DENSE]
+        ks, vs, ps = [], [], []
+        i = 0
+        while i < self.table.n_pages[layer, h]:
+            if self.table.page_tiers[layer, h, i] != DENSE:
+                i += 1
+                continue
+            pid = int(self.table.page_ids[layer, h, i])
+            f = int(dense.fill[pid])
+            pos = dense.positions[pid, :f]
+            take = (pos >= lo) & (pos < hi)
+            if take.any():
+                k, v = dense.tier.read(dense.data, np.array([pid]))
+                ks.append(k[0, :f][take])
+                vs.append(v[0, :f][take])
+                ps.append(pos[take])
+                if take.all():
+                    dense.free(pid)
+                    self.table.remove(layer, h, i)
+                    continue
+                dense.compact(pid, ~take)
+            i += 1
+        if self.policy.old_tier is None or not ps:
+            return
+        old = self.pools[OLD]
+        pid = old.alloc()
+        k, v, pos = np.concatenate(ks), np.concatenate(vs), np.concatenate(ps)
+        old.tier.write_page(old.data, pid, k, v)
+        old.positions[pid, : len(pos)] = pos
+        old.fill[pid] = len(pos)
+        self.table.push(layer, h, pid, OLD)
 
     # ---- reading -------------------------------------------------------------------------------------
+
+    def gather(self, layer: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """NumPy twin: K (N, D), V (N, D) float32 and positions (N,) of every token (layer, h) holds."""
+        ids, tiers = self.table.pages(layer, h)
+        ks, vs, ps = [], [], []
+        for t, pool in enumerate(self.pools):
+            pids = ids[tiers == t]
+            if not len(pids):
+                continue
+            if t == DENSE:
+                k, v, pos = gather_dense(pool, pids)
+                ks.append(k), vs.append(v), ps.append(pos)
+                continue
+            k, v = pool.tier.read(pool.data, pids)  # (n, P, D)
+            valid = np.arange(self.page_size)[None, :] < pool.fill[pids][:, None]  # (n, P)
+            ks.append(k[valid])
+            vs.append(v[valid])
+            ps.append(pool.positions[pids][valid])
+        if not ks:
+            D = self.head_dim
+            return np.zeros((0, D), np.float32), np.zeros((0, D), np.float32), np.zeros(0, np.int32)
+        return np.concatenate(ks), np.concatenate(vs), np.concatenate(ps)
 
     def attend(self, layer: int, q: np.ndarray, q_positions: np.ndarray) -> np.ndarray:
         """q: (nq, T, D) post-RoPE queries at q_positions (T,) -> (nq, T, D) attention outputs (GQA)."""
         nq, T, D = q.shape
         G = nq // self.n_kv_heads
-        if T == 1 and self.use_c and not (self.table.page_tiers[layer] > DENSE).any():
+        if T == 1 and self.use_c and len(self.pools) == 1:
             out = np.empty((nq, D), dtype=np.float32)
             ckernels.dense_decode(np.ascontiguousarray(q[:, 0], dtype=np.float32), self.pools[DENSE],
                                   self.table.page_ids[layer], self.table.n_pages[layer], self.scale, out)
             return out[:, None, :]
         out = np.empty_like(q)
         for h in range(self.n_kv_heads):
-            ids, tiers = self.table.pages(layer, h)
-            k, v, kpos = gather_dense(self.pools[DENSE], ids[tiers == DENSE])
+            k, v, kpos = self.gather(layer, h)
             out[h * G : (h + 1) * G] = attend_dense(q[h * G : (h + 1) * G], k, v, kpos, q_positions, self.scale)
         return out
 
@@ -110,19 +204,10 @@ class PagedKVCache:
                         self.table.remove(layer, h, i)
                         continue
                     if not keep.all():
-                        self._compact(pool, pid, keep)
+                        pool.compact(pid, keep)
                     i += 1
         self.offset = n_tokens
-
-    @staticmethod
-    def _compact(pool: TierPool, pid: int, keep: np.ndarray) -> None:
-        n = int(keep.sum())
-        f = len(keep)
-        pool.k[pid, :n] = pool.k[pid, :f][keep]
-        pool.v[pid, :n] = pool.v[pid, :f][keep]
-        pool.positions[pid, :n] = pool.positions[pid, :f][keep]
-        pool.positions[pid, n:] = -1
-        pool.fill[pid] = n
+        self.n_old = max(0, min(self.n_old, n_tokens - self.policy.sinks))
 
     def reset(self) -> None:
         self.truncate(0)
@@ -135,10 +220,12 @@ class PagedKVCache:
         capacity = sum(p.n_pages * p.page_bytes for p in self.pools)
         dense_fp16 = self.offset * self.n_layers * self.n_kv_heads * 2 * self.head_dim * 2
         return {
+            "policy": self.policy.name,
             "tokens": self.offset,
             "n_ctx": self.n_ctx,
             "pages_used": sum(p.n_used for p in self.pools),
             "pages_total": sum(p.n_pages for p in self.pools),
+            "pages_by_tier": {p.tier.name: p.n_used for p in self.pools},
             "bytes_used": used,
             "bytes_pool": capacity,
             "bytes_per_token": used / self.offset if self.offset else 0.0,

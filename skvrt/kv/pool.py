@@ -1,50 +1,40 @@
 """Preallocated page pools, one per tier, with a free list.
 
-A pool owns the storage of its tier's pages and their per-page metadata (fill, positions); see
-`skvrt.kv.pages` for the contract. Memory is allocated once, at construction, and never grows.
+A pool owns the storage of its tier's pages (`tier.alloc`) and their per-page metadata (fill, positions);
+see `skvrt.kv.pages` for the contract. Memory is allocated once, at construction, and never grows.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from ..errors import ContextOverflowError
-
-
-@dataclasses.dataclass(frozen=True)
-class DenseTier:
-    """Keys and values stored as they are, in `dtype` (float16 by default; float32 for the reference cache)."""
-
-    dtype: str = "float16"
-    name: str = "dense"
-
-    def page_bytes(self, page_size: int, head_dim: int) -> int:
-        """Bytes one page really holds: K and V storage plus its metadata (fill + positions)."""
-        item = np.dtype(self.dtype).itemsize
-        return 2 * page_size * head_dim * item + 4 + 4 * page_size
-
-    def bytes_per_token(self, head_dim: int) -> int:
-        """Payload bytes per token per KV head (K and V), metadata excluded."""
-        return 2 * head_dim * np.dtype(self.dtype).itemsize
+from .tiers import DenseTier, QuantTier  # noqa: F401  (re-exported)
 
 
 class TierPool:
-    """n_pages pages of one tier. Storage: k, v (n_pages, P, D) in the tier's dtype."""
+    """n_pages pages of one tier: `data` (the tier's arrays), fill (N,), positions (N, P)."""
 
-    def __init__(self, tier: DenseTier, n_pages: int, page_size: int, head_dim: int):
+    def __init__(self, tier, n_pages: int, page_size: int, head_dim: int):
         self.tier = tier
         self.page_size = page_size
         self.head_dim = head_dim
         self.n_pages = n_pages
-        self.k = np.zeros((n_pages, page_size, head_dim), dtype=tier.dtype)  # (N, P, D)
-        self.v = np.zeros((n_pages, page_size, head_dim), dtype=tier.dtype)  # (N, P, D)
+        self.data = tier.alloc(n_pages, page_size, head_dim)
         self.fill = np.zeros(n_pages, dtype=np.int32)  # (N,)
         self.positions = np.full((n_pages, page_size), -1, dtype=np.int32)  # (N, P)
-        # Free list as a stack; lowest ids handed out first so tests are deterministic.
+        # Free list as a stack; lowest ids handed out first so runs are deterministic.
         self._free = list(range(n_pages - 1, -1, -1))
         self._in_use = np.zeros(n_pages, dtype=bool)
+
+    # dense-tier storage, as the C kernel reads it
+    @property
+    def k(self) -> np.ndarray:
+        return self.data["k"]
+
+    @property
+    def v(self) -> np.ndarray:
+        return self.data["v"]
 
     @property
     def page_bytes(self) -> int:
@@ -57,6 +47,9 @@ class TierPool:
     @property
     def n_used(self) -> int:
         return self.n_pages - len(self._free)
+
+    def in_use(self, pid: int) -> bool:
+        return bool(self._in_use[pid])
 
     def alloc(self) -> int:
         if not self._free:
@@ -78,9 +71,20 @@ class TierPool:
         self.positions[pid] = -1
         self._free.append(pid)
 
+    def compact(self, pid: int, keep: np.ndarray) -> None:
+        """Keep the slots of page `pid` where keep (fill,) is True, moved to the front in order."""
+        n, f = int(keep.sum()), len(keep)
+        for name in self.tier.per_slot:
+            arr = self.data[name]
+            arr[pid, :n] = arr[pid, :f][keep]
+        self.positions[pid, :n] = self.positions[pid, :f][keep]
+        self.positions[pid, n:] = -1
+        self.fill[pid] = n
+
     def poison_unused(self) -> None:
-        """Test hook: fill every slot at or past `fill` (and free pages) with NaN."""
-        slot = np.arange(self.page_size)[None, :]
-        unused = slot >= self.fill[:, None]  # (N, P)
-        self.k[unused] = np.nan
-        self.v[unused] = np.nan
+        """Test hook: fill every float slot at or past `fill` with NaN (integer codes are left as they are)."""
+        unused = np.arange(self.page_size)[None, :] >= self.fill[:, None]  # (N, P)
+        for name in self.tier.per_slot:
+            arr = self.data[name]
+            if arr.dtype.kind == "f":
+                arr[unused] = np.nan

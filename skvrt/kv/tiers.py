@@ -1,0 +1,142 @@
+"""Storage tiers: how one page of P tokens of one (layer, kv head) is stored, and the NumPy codecs.
+
+Every tier stores whole pages; `alloc(n_pages, P, D)` returns its preallocated arrays and `page_bytes`
+counts every byte a page holds (payload, per-page and per-token scales, fill count, positions).
+
+    DenseTier(dtype)         k, v (N, P, D) float16 / float32 as they are
+    QuantTier(k_bits, v_bits, v_group)
+        keys:   per-channel asymmetric integers over the page (KIVI-style): k_codes (N, P, D*kb/8) uint8,
+                k_min, k_scale (N, D) float16 -- one range per channel per page, so a page is encoded whole
+        values: per-token groups of v_group dims: v_codes (N, P, D*vb/8) uint8, v_min, v_scale
+                (N, P, D/v_group) float16
+Codes are packed little-endian within a byte (element 0 in the low bits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+POSITION_BYTES = 4  # int32 position per slot (page metadata)
+FILL_BYTES = 4  # int32 fill count per page
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseTier:
+    dtype: str = "float16"
+
+    @property
+    def name(self) -> str:
+        return "dense" if self.dtype == "float16" else f"dense-{self.dtype}"
+
+    def alloc(self, n_pages: int, P: int, D: int) -> dict[str, np.ndarray]:
+        return {"k": np.zeros((n_pages, P, D), self.dtype), "v": np.zeros((n_pages, P, D), self.dtype)}
+
+    def page_bytes(self, P: int, D: int) -> int:
+        return 2 * P * D * np.dtype(self.dtype).itemsize + FILL_BYTES + POSITION_BYTES * P
+
+    def bytes_per_token(self, D: int) -> int:
+        return 2 * D * np.dtype(self.dtype).itemsize
+
+    def write(self, data, pid: int, slot: int, k: np.ndarray, v: np.ndarray) -> None:
+        data["k"][pid, slot : slot + len(k)] = k
+        data["v"][pid, slot : slot + len(v)] = v
+
+    def read(self, data, pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> K, V (n, P, D) float32 for the pages (all slots; callers mask by fill)."""
+        return data["k"][pids].astype(np.float32), data["v"][pids].astype(np.float32)
+
+    per_slot = ("k", "v")  # arrays indexed [pid, slot]: what compaction moves
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """codes (..., n) uint8 < 2**bits, n * bits % 8 == 0 -> (..., n * bits / 8) uint8."""
+    if bits == 8:
+        return codes.astype(np.uint8)
+    per = 8 // bits
+    c = codes.reshape(*codes.shape[:-1], -1, per).astype(np.uint8)
+    out = np.zeros(c.shape[:-1], np.uint8)
+    for j in range(per):
+        out |= c[..., j] << (bits * j)
+    return out
+
+
+def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    if bits == 8:
+        return packed[..., :n]
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    out = np.stack([(packed >> (bits * j)) & mask for j in range(per)], axis=-1)
+    return out.reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def quantize(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int):
+    """Asymmetric uniform: -> codes uint8, min fp16, scale fp16 (codes computed with the rounded fp16 params)."""
+    levels = (1 << bits) - 1
+    mn = lo.astype(np.float16)
+    scale = ((hi - mn.astype(np.float32)) / levels).astype(np.float16)
+    scale = np.where(scale > 0, scale, np.float16(1.0)).astype(np.float16)
+    q = np.rint((x - mn.astype(np.float32)) / scale.astype(np.float32))
+    return np.clip(q, 0, levels).astype(np.uint8), mn, scale
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantTier:
+    k_bits: int = 4
+    v_bits: int = 4
+    v_group: int = 32
+
+    def __post_init__(self):
+        for b in (self.k_bits, self.v_bits):
+            if b not in (2, 4, 8):
+                raise ValueError(f"quant tier bits must be 2, 4 or 8, not {b}")
+
+    @property
+    def name(self) -> str:
+        return f"quant-k{self.k_bits}v{self.v_bits}"
+
+    def alloc(self, n_pages: int, P: int, D: int) -> dict[str, np.ndarray]:
+        ng = D // self.v_group
+        return {
+            "k_codes": np.zeros((n_pages, P, D * self.k_bits // 8), np.uint8),
+            "k_min": np.zeros((n_pages, D), np.float16),
+            "k_scale": np.zeros((n_pages, D), np.float16),
+            "v_codes": np.zeros((n_pages, P, D * self.v_bits // 8), np.uint8),
+            "v_min": np.zeros((n_pages, P, ng), np.float16),
+            "v_scale": np.zeros((n_pages, P, ng), np.float16),
+        }
+
+    def page_bytes(self, P: int, D: int) -> int:
+        k = P * D * self.k_bits // 8 + 2 * D * 2
+        v = P * D * self.v_bits // 8 + P * (D // self.v_group) * 2 * 2
+        return k + v + FILL_BYTES + POSITION_BYTES * P
+
+    per_slot = ("k_codes", "v_codes", "v_min", "v_scale")
+
+    def encode_values(self, v: np.ndarray):
+        """v (n, D) -> codes (n, D*vb/8), min, scale (n, D/g)."""
+        n, D = v.shape
+        g = v.reshape(n, D // self.v_group, self.v_group)
+        codes, mn, sc = quantize(g, g.min(-1, keepdims=True), g.max(-1, keepdims=True), self.v_bits)
+        return pack(codes.reshape(n, D), self.v_bits), mn[..., 0], sc[..., 0]
+
+    def write_page(self, data, pid: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Encode n <= P tokens into an empty page: k, v (n, D) float32."""
+        n, D = k.shape
+        codes, mn, sc = quantize(k, k.min(0), k.max(0), self.k_bits)  # per channel over the page
+        data["k_codes"][pid, :n] = pack(codes, self.k_bits)
+        data["k_min"][pid], data["k_scale"][pid] = mn, sc
+        vc, vmn, vsc = self.encode_values(v)
+        data["v_codes"][pid, :n], data["v_min"][pid, :n], data["v_scale"][pid, :n] = vc, vmn, vsc
+
+    def read(self, data, pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> K, V (n, P, D) float32, dequantized (NumPy twin; slots past fill are garbage, mask them)."""
+        D = data["k_min"].shape[1]
+        kc = unpack(data["k_codes"][pids], self.k_bits, D).astype(np.float32)  # (n, P, D)
+        k = kc * data["k_scale"][pids][:, None].astype(np.float32) + data["k_min"][pids][:, None].astype(np.float32)
+        vc = unpack(data["v_codes"][pids], self.v_bits, D).astype(np.float32)
+        n, P = vc.shape[:2]
+        vc = vc.reshape(n, P, D // self.v_group, self.v_group)
+        v = vc * data["v_scale"][pids][..., None].astype(np.float32) + data["v_min"][pids][..., None].astype(np.float32)
+        return k, v.reshape(n, P, D)
