@@ -94,6 +94,7 @@ def worker_llama(spec: dict) -> dict:
         llm.eval(ids[:64])
         llm.eval([int(np.argmax(last_logits()))])
         llm.reset()
+    c0, w0 = time.process_time(), time.perf_counter()
     t0 = time.perf_counter()
     llm.eval(ids)
     t_prefill = time.perf_counter() - t0
@@ -104,6 +105,7 @@ def worker_llama(spec: dict) -> dict:
         llm.eval([token])
         steps.append(time.perf_counter() - t0)
         tokens.append(token)
+    cpu_share = (time.process_time() - c0) / (time.perf_counter() - w0)
     md = llm.metadata
     arch = md.get("general.architecture", "llama")
     n_layers = int(md[f"{arch}.block_count"])
@@ -121,6 +123,7 @@ def worker_llama(spec: dict) -> dict:
         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         "n_batch": llm.n_batch,
         "extra_bufts": bool(spec.get("extra_bufts", False)),
+        "cpu_share": cpu_share,
     }
 
 
@@ -133,8 +136,10 @@ def worker_skvrt(spec: dict) -> dict:
 
     llm = skvrt.load(spec["model"], n_ctx=spec["n_ctx"], kv_dtype=spec["kv_dtype"], threads=spec["threads"])
     n = len(spec["ids"])
+    c0, w0 = time.process_time(), time.perf_counter()
     rows = run_bench(llm, [n], n_decode=spec["n_decode"], repeats=spec["repeats"], warmup=True,
                      prompt_ids={n: spec["ids"]})
+    cpu_share = (time.process_time() - c0) / (time.perf_counter() - w0)
     # The greedy continuation (untimed), to check both engines decode the same text.
     from skvrt.generate import prefill
 
@@ -146,6 +151,7 @@ def worker_skvrt(spec: dict) -> dict:
         logits = llm.model.forward(np.array([tokens[-1]], dtype=np.int64), llm.cache)[-1]
     row = rows[0]
     row["tokens"] = tokens
+    row["cpu_share"] = cpu_share
     row["peak_rss_mb"] = max(row["peak_rss_mb"], _peak_rss_mb())
     return {"row": row, "meta": bench_meta(llm, kv_dtype=spec["kv_dtype"])}
 
@@ -182,6 +188,43 @@ def ratio(a, b):
     return f"{a / b:.2f}×" if a and b else "–"
 
 
+def _load(v) -> str:
+    return " / ".join(f"{x:.2f}" for x in v) if v else "not recorded"
+
+
+def _share(v) -> str:
+    return f"{v:.2f}" if v is not None else "–"
+
+
+def merge(results: list[dict]) -> dict:
+    """Several --json files (e.g. skvrt and llama.cpp measured by separate invocations) -> one result."""
+    out = json.loads(json.dumps(results[0]))
+    commands = [r["meta"]["command"] for r in results]
+    out["meta"]["command"] = " ; ".join(dict.fromkeys(commands))
+    for r in results[1:]:
+        for n in r["contexts"]:
+            if n not in out["contexts"]:
+                out["contexts"].append(n)
+        for kv in r["llama_kv"]:
+            if kv not in out["llama_kv"]:
+                out["llama_kv"].append(kv)
+        out["skvrt"].update(r["skvrt"])
+        for kv, rows in r["llama"].items():
+            out["llama"].setdefault(kv, {}).update(rows)
+        for k, v in r["meta"].items():
+            if k.startswith(("skvrt_", "llama_")) and v is not None:
+                out["meta"][k] = v
+        out["meta"]["loadavg_end"] = r["meta"].get("loadavg_end")
+        out["errors"].update(r.get("errors", {}))
+    out["contexts"].sort()
+    for key in list(out["errors"]):  # an error superseded by a later successful run
+        kind, n = key.split("/")
+        done = out["skvrt"] if kind == "skvrt" else out["llama"].get(kind, {})
+        if n in done:
+            del out["errors"][key]
+    return out
+
+
 def report(res: dict) -> str:
     m = res["meta"]
     contexts = res["contexts"]
@@ -196,28 +239,34 @@ def report(res: dict) -> str:
         f"{m['OPENBLAS_NUM_THREADS']}); llama.cpp n_threads = n_threads_batch = {m['threads']}",
         f"- Software: Python {m['python']}, NumPy {m['numpy']}; llama-cpp-python {m.get('llama_cpp_version', '?')}",
         f"- llama.cpp system info: `{m.get('llama_system_info', '?')}`",
-        f"- Model: skvrt `{m['skvrt_model']}` (float32 weights, KV {m['skvrt_kv_dtype']}, n_ctx {m['n_ctx']}); "
+        f"- Model: skvrt `{m['skvrt_model']}` (float32 weights, KV {m['skvrt_kv_dtype']}, n_ctx {m['n_ctx']}, "
+        f"decode attention: {m.get('skvrt_decode_attention', '?')}); "
         f"llama.cpp `{m['gguf']}` (n_ctx {m['n_ctx']}, n_batch {m.get('llama_n_batch', '?')}, "
         f"use_extra_bufts={m.get('llama_extra_bufts', '?')}: weight repacking / AMX "
         f"{'on' if m.get('llama_extra_bufts') else 'off, its AMX Q4_1 matmul segfaults on this CPU'})",
         f"- Prompts: synthetic filler text, tokenized by skvrt and cut to N ids; the same ids go to both engines. "
         f"{m['n_decode']} greedy decode steps after the prompt.",
-        f"- Runs: median (min–max) of {m['repeats']} runs; skvrt: one fresh process per context (after a "
+        f"- Runs: median (min–max) of the runs in the `runs` column; skvrt: one fresh process per context (after a "
         "64-token warm-up), cache reset between runs; llama.cpp: one fresh process per run (same warm-up).",
+        f"- Load average (1/5/15 min) at start: {_load(m.get('loadavg_start'))}; at end: "
+        f"{_load(m.get('loadavg_end'))}. CPU share = process CPU seconds / wall seconds over the timed "
+        f"runs (ideal: the thread count; less means the process waited for a core).",
         "- llama.cpp KV types: " + ", ".join(
             f"{k} ({'flash attention' if LLAMA_KV[k][1] else 'no flash attention'})" for k in kvs),
         "",
         "## Results",
         "",
-        "| context | engine | prefill tok/s | decode tok/s | decode ms/step | peak RSS MiB | KV bytes/token |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| context | engine | prefill tok/s | decode tok/s | decode ms/step | peak RSS MiB | KV bytes/token "
+        "| CPU share | runs |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in contexts:
         s = res["skvrt"].get(str(n))
         if s:
             lines.append(
                 f"| {n} | skvrt ({m['skvrt_kv_dtype']} KV) | {fmt_mmm(s['prefill_tps'])} | {fmt_mmm(s['decode_tps'])} | "
-                f"{fmt_mmm(s['decode_ms_per_step'])} | {s['peak_rss_mb']:.0f} | {s['kv_bytes_per_token']:,.0f} |")
+                f"{fmt_mmm(s['decode_ms_per_step'])} | {s['peak_rss_mb']:.0f} | {s['kv_bytes_per_token']:,.0f} | "
+                f"{_share(s.get('cpu_share'))} | {s.get('repeats', '?')} |")
         else:
             lines.append(f"| {n} | skvrt | failed | | | | |")
         for kv in kvs:
@@ -226,7 +275,7 @@ def report(res: dict) -> str:
                 lines.append(
                     f"| {n} | llama.cpp {kv} KV | {fmt_mmm(L['prefill_tps'])} | {fmt_mmm(L['decode_tps'])} | "
                     f"{fmt_mmm(L['decode_ms_per_step'])} | {L['peak_rss_mb']['median']:.0f} | "
-                    f"{L['kv_bytes_per_token']:,.0f} |")
+                    f"{L['kv_bytes_per_token']:,.0f} | {_share(L.get('cpu_share'))} | {L.get('runs', '?')} |")
             else:
                 lines.append(f"| {n} | llama.cpp {kv} KV | {res['errors'].get(f'{kv}/{n}', 'not run')} | | | | |")
     lines += [
@@ -285,7 +334,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-skvrt", action="store_true")
     p.add_argument("--skip-llama", action="store_true")
     p.add_argument("--from-json", default=None,
-                   help="only render the report from a --json file written by an earlier (maybe partial) run")
+                   help="only render the report from --json files of earlier (maybe partial) runs; several files, "
+                        "comma-separated, are merged (later files win)")
     p.add_argument("--worker", choices=["skvrt", "llama"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -298,7 +348,7 @@ def main(argv=None) -> int:
         return 0
 
     if a.from_json:
-        text = report(json.loads(Path(a.from_json).read_text()))
+        text = report(merge([json.loads(Path(f).read_text()) for f in a.from_json.split(",") if f]))
         if a.out:
             Path(a.out).write_text(text)
         else:
@@ -331,6 +381,7 @@ def main(argv=None) -> int:
         "skvrt_kv_dtype": a.kv_dtype, "n_decode": a.n_decode, "repeats": a.repeats,
         "skvrt_blas_threads": blas_threads(),
     })
+    meta["loadavg_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if os.environ.get("OPENBLAS_NUM_THREADS") is None:
         meta["OPENBLAS_NUM_THREADS"] = "unset"
     res = {"meta": meta, "contexts": contexts, "llama_kv": kvs, "skvrt": {}, "llama": {}, "errors": {},
@@ -354,6 +405,7 @@ def main(argv=None) -> int:
             row = out["row"]
             res["skvrt"][str(n)] = row
             meta["skvrt_blas_threads"] = row["blas_threads"]
+            meta["skvrt_decode_attention"] = row.get("decode_attention", "?")
             log(f"skvrt: context {n}: prefill {row['prefill_tps']['median']:.1f} tok/s, decode "
                 f"{row['decode_tps']['median']:.1f} tok/s, peak RSS {row['peak_rss_mb']:.0f} MiB")
             save()
@@ -390,12 +442,15 @@ def main(argv=None) -> int:
                     "peak_rss_mb": _summary([run["peak_rss_mb"] for run in runs]),
                     "kv_bytes_per_token": first["kv_bytes_per_token"],
                     "tokens": first["tokens"],
+                    "cpu_share": statistics.median([run["cpu_share"] for run in runs])
+                    if all("cpu_share" in run for run in runs) else None,
                 }
                 L = res["llama"][kv][str(n)]
                 log(f"llama.cpp {kv}: context {n}: prefill {L['prefill_tps']['median']:.1f} tok/s, decode "
                     f"{(L['decode_tps'] or {}).get('median', 0):.1f} tok/s")
                 save()
 
+    meta["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     text = report(res)
     save()
     if a.out:

@@ -78,6 +78,9 @@ def load_folder(folder: str | Path) -> LoadedModel:
     tokenizer = Tokenizer(folder, gen)
     if tokenizer.vocab_size > args.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but config vocab_size is {args.vocab_size}")
+    from .calibrate import load_calibration
+
+    args.kv_calibration = load_calibration(folder)
     model = arch.Model(args, load_weights(folder))
     return LoadedModel(folder, config, model, tokenizer, gen)
 

@@ -60,7 +60,7 @@ def test_quant_tier_matches_twin(kb, vb):
 
 
 def test_bad_policy_options():
-    with pytest.raises(InputError, match="valid: full, window, quant"):
+    with pytest.raises(InputError, match="valid: full, window, ada, quant"):
         make_policy("h2o-ish")
     with pytest.raises(InputError, match="bits"):
         make_policy("quant", k_bits=3)

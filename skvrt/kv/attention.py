@@ -31,6 +31,18 @@ def gather_dense(pool: TierPool, page_ids: np.ndarray) -> tuple[np.ndarray, np.n
     return k[valid].astype(np.float32, copy=False), v[valid].astype(np.float32, copy=False), pos[valid]
 
 
+def softmax_attend(scores: np.ndarray, v: np.ndarray, kpos: np.ndarray, qpos: np.ndarray) -> np.ndarray:
+    """scores (G, T, N) scaled logits, v (N, D), kpos (N,), qpos (T,) -> (G, T, D); keys after a query masked."""
+    G, T, N = scores.shape
+    if N and kpos.max() > qpos.min():
+        future = kpos[None, :] > qpos[:, None]  # (T, N)
+        scores = np.where(future[None], np.float32(-np.inf), scores)
+    m = scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores - m)
+    p /= p.sum(axis=-1, keepdims=True)
+    return (p.reshape(G * T, N) @ v).reshape(G, T, v.shape[-1])
+
+
 def attend_dense(q: np.ndarray, k: np.ndarray, v: np.ndarray, kpos: np.ndarray, qpos: np.ndarray,
                  scale: float) -> np.ndarray:
     """Causal softmax attention for one KV head's query group.

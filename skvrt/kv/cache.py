@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import ckernels
 from ..errors import ContextOverflowError
-from .attention import attend_dense, gather_dense
+from .attention import gather_dense, softmax_attend
 from .pages import PAGE_SIZE, PageTable
 from .pool import TierPool
 from .tiers import DenseTier
@@ -139,34 +139,12 @@ class PagedKVCache:
         old = self.pools[OLD]
         pid = old.alloc()
         k, v, pos = np.concatenate(ks), np.concatenate(vs), np.concatenate(ps)
-        old.tier.write_page(old.data, pid, k, v)
+        old.tier.write_page(old.data, pid, k, v, (layer, h))
         old.positions[pid, : len(pos)] = pos
         old.fill[pid] = len(pos)
         self.table.push(layer, h, pid, OLD)
 
     # ---- reading -------------------------------------------------------------------------------------
-
-    def gather(self, layer: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """NumPy twin: K (N, D), V (N, D) float32 and positions (N,) of every token (layer, h) holds."""
-        ids, tiers = self.table.pages(layer, h)
-        ks, vs, ps = [], [], []
-        for t, pool in enumerate(self.pools):
-            pids = ids[tiers == t]
-            if not len(pids):
-                continue
-            if t == DENSE:
-                k, v, pos = gather_dense(pool, pids)
-                ks.append(k), vs.append(v), ps.append(pos)
-                continue
-            k, v = pool.tier.read(pool.data, pids)  # (n, P, D)
-            valid = np.arange(self.page_size)[None, :] < pool.fill[pids][:, None]  # (n, P)
-            ks.append(k[valid])
-            vs.append(v[valid])
-            ps.append(pool.positions[pids][valid])
-        if not ks:
-            D = self.head_dim
-            return np.zeros((0, D), np.float32), np.zeros((0, D), np.float32), np.zeros(0, np.int32)
-        return np.concatenate(ks), np.concatenate(vs), np.concatenate(ps)
 
     def attend(self, layer: int, q: np.ndarray, q_positions: np.ndarray) -> np.ndarray:
         """q: (nq, T, D) post-RoPE queries at q_positions (T,) -> (nq, T, D) attention outputs (GQA)."""
@@ -179,9 +157,37 @@ class PagedKVCache:
             return out[:, None, :]
         out = np.empty_like(q)
         for h in range(self.n_kv_heads):
-            k, v, kpos = self.gather(layer, h)
-            out[h * G : (h + 1) * G] = attend_dense(q[h * G : (h + 1) * G], k, v, kpos, q_positions, self.scale)
+            qh = q[h * G : (h + 1) * G]
+            scores, values, kpos = self._scores(layer, h, qh)
+            out[h * G : (h + 1) * G] = softmax_attend(scores, values, kpos, q_positions)
         return out
+
+    def _scores(self, layer: int, h: int, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """NumPy twin over every tier of (layer, h): q (G, T, D) -> scaled logits (G, T, N), V (N, D), pos (N,).
+        Tiers with a `scores` method (ADA) compute logits from their codes; others return keys to dot with."""
+        ids, tiers = self.table.pages(layer, h)
+        parts = []
+        for t, pool in enumerate(self.pools):
+            pids = ids[tiers == t]
+            if not len(pids):
+                continue
+            if t == DENSE:
+                k, v, pos = gather_dense(pool, pids)
+                parts.append((np.einsum("gtd,nd->gtn", q, k) * np.float32(self.scale), v, pos))
+                continue
+            valid = np.arange(self.page_size)[None, :] < pool.fill[pids][:, None]  # (n, P)
+            pos = pool.positions[pids][valid]
+            if hasattr(pool.tier, "scores"):
+                s = pool.tier.scores(pool.data, pids, q, (layer, h), self.scale)  # (G, T, n, P)
+                parts.append((s[:, :, valid], pool.tier.read_values(pool.data, pids)[valid], pos))
+            else:
+                k, v = pool.tier.read(pool.data, pids)
+                parts.append((np.einsum("gtd,nd->gtn", q, k[valid]) * np.float32(self.scale), v[valid], pos))
+        if not parts:
+            G, T, D = q.shape
+            return np.zeros((G, T, 0), np.float32), np.zeros((0, D), np.float32), np.zeros(0, np.int32)
+        return (np.concatenate([p[0] for p in parts], axis=-1), np.concatenate([p[1] for p in parts]),
+                np.concatenate([p[2] for p in parts]))
 
     # ---- editing -------------------------------------------------------------------------------------
 

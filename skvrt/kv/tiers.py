@@ -121,8 +121,8 @@ class QuantTier:
         codes, mn, sc = quantize(g, g.min(-1, keepdims=True), g.max(-1, keepdims=True), self.v_bits)
         return pack(codes.reshape(n, D), self.v_bits), mn[..., 0], sc[..., 0]
 
-    def write_page(self, data, pid: int, k: np.ndarray, v: np.ndarray) -> None:
-        """Encode n <= P tokens into an empty page: k, v (n, D) float32."""
+    def write_page(self, data, pid: int, k: np.ndarray, v: np.ndarray, lh=None) -> None:
+        """Encode n <= P tokens into an empty page: k, v (n, D) float32 (lh, the (layer, head), unused)."""
         n, D = k.shape
         codes, mn, sc = quantize(k, k.min(0), k.max(0), self.k_bits)  # per channel over the page
         data["k_codes"][pid, :n] = pack(codes, self.k_bits)

@@ -37,6 +37,7 @@ class ModelArgs:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     model_type: str = "llama"
+    kv_calibration: object = dataclasses.field(default=None, repr=False)  # skvrt.calibrate.Calibration or None
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ModelArgs":
