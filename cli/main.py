@@ -159,11 +159,12 @@ def chat(
 def pull(
     name: str = typer.Argument("smollm2-135m-instruct", help="Known model name."),
     force: bool = typer.Option(False, "--force", help="Convert again even if the store has it."),
+    no_calibrate: bool = typer.Option(False, "--no-calibrate", help="Skip the ADA calibration step."),
 ):
-    """Download, verify (sha256) and convert a known model into the model store; prints its folder."""
+    """Download, verify (sha256), convert and calibrate a known model into the model store; prints its folder."""
     from skvrt.store import pull as store_pull
 
-    print(store_pull(name, force=force))
+    print(store_pull(name, force=force, calibrate=not no_calibrate))
 
 
 @app.command()
@@ -181,6 +182,45 @@ def convert(
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise InputError(f"{out_dir} exists and is not empty; pass --force to overwrite it")
     print(convert_gguf(gguf_file, out_dir, dtype=dtype, overwrite=force))
+
+
+@app.command()
+def calibrate(
+    model: Optional[str] = typer.Argument(None, help="HF folder, .gguf file or known model name (default: smollm2-135m-instruct)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Calibration text file (default: text the model writes itself). Never the evaluation text."),
+    show_report: bool = typer.Option(False, "--report", help="Also measure every ADA tier on held-back keys (25% of the text)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    threads: Optional[int] = ThreadsOpt,
+):
+    """Measure per-pair key statistics for ADA and write the sidecar skvrt-kv.safetensors next to the weights."""
+    import skvrt
+    from skvrt.calibrate import calibrate as run_calibrate, report
+
+    llm = skvrt.load(model, threads=threads)
+    body = None
+    if text is not None:
+        try:
+            body = text.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read {text} as UTF-8 text: {e}") from None
+    source = str(text) if text else "self-generated"
+    if show_report:
+        cal, held = run_calibrate(llm, body, source, held_back=0.25)
+    else:
+        cal = run_calibrate(llm, body, source)
+    path = cal.save(llm.loaded.path)
+    print(f"skvrt: wrote {path} ({cal.meta['tokens']} tokens, {cal.meta['seconds']} s)", file=sys.stderr)
+    if show_report:
+        rows = report(cal, held)
+        if as_json:
+            print(json.dumps(rows, indent=1))
+        else:
+            print("| tier | K bytes | V bytes | metadata bytes | bytes/token/head | of fp16 | logit rel. MSE | attn-out cosine |")
+            print("|---|---|---|---|---|---|---|---|")
+            for r in rows:
+                print(f"| {r['tier']} | {r['k_bytes']:g} | {r['v_bytes']:g} | {r['metadata_bytes']:.2f} | "
+                      f"{r['bytes_per_token_head']:.2f} | {r['fraction_of_fp16']:.3f} | {r['logit_rel_mse']:.2e} | "
+                      f"{r['attn_out_cosine']:.5f} |")
 
 
 @app.command()

@@ -81,7 +81,7 @@ def self_generated_text(llm, tokens_per_prompt: int = 160, seed: int = 0) -> str
 
 
 def collect_stats(model, tokens: np.ndarray, page_size: int = 64, chunk: int = 256,
-                  progress=None) -> tuple[np.ndarray, np.ndarray]:
+                  progress=None, held_back: float = 0.0):
     """Prefill `tokens` with a dense float32 cache, hooking the cache to see post-RoPE q and k per layer."""
     from .kv import make_cache
 
@@ -104,21 +104,88 @@ def collect_stats(model, tokens: np.ndarray, page_size: int = 64, chunk: int = 2
         keys[layer].append(k.copy())
         return append(layer, k, v)
 
-    cache.attend, cache.append = hook_attend, hook_append
+    q_all = [[] for _ in range(L)]
+    n_fit = int(len(tokens) * (1 - held_back))
+
+    def hook_attend_keep(layer, q, pos):
+        if held_back:
+            q_all[layer].append(q.copy())
+        return hook_attend(layer, q, pos)
+
+    cache.attend, cache.append = hook_attend_keep, hook_append
     for s in range(0, len(tokens), chunk):
         model.forward(tokens[s : s + chunk], cache)
         if progress:
             progress(min(s + chunk, len(tokens)), len(tokens))
+    if held_back:  # statistics from the first part only; the rest is returned for measurements
+        q_fit = [np.concatenate(q_all[layer], axis=1) for layer in range(L)]  # (nq, T, D) each
+        q_sum = np.stack([np.square(q[:, :n_fit].astype(np.float64)).reshape(H, G, -1, D).sum(axis=(1, 2))
+                          for q in q_fit])
+        q_n = n_fit * G
     k_range = np.zeros((L, H, D))
     for layer in range(L):
-        k = np.concatenate(keys[layer], axis=1)  # (H, T, D)
+        k = np.concatenate(keys[layer], axis=1)[:, :n_fit]  # (H, T, D)
         n_pages = k.shape[1] // page_size
         pages = k[:, : n_pages * page_size].reshape(H, n_pages, page_size, D)
         k_range[layer] = np.mean(np.square(pages.max(2) - pages.min(2)), axis=1)
-    return (q_sum / q_n).astype(np.float32), k_range.astype(np.float32)
+    stats = (q_sum / q_n).astype(np.float32), k_range.astype(np.float32)
+    if not held_back:
+        return stats
+    held = [(q_fit[layer][:, n_fit:], np.concatenate(keys[layer], axis=1)[:, n_fit:]) for layer in range(L)]
+    return stats, held
 
 
-def calibrate(llm, text: str | None = None, source: str = "self-generated") -> Calibration:
+def report(cal: "Calibration", held, tiers=(64, 96, 128, 160, 192, 256), v_bits=(8, 4), page_size: int = 64,
+           max_pages: int = 4, max_queries: int = 64) -> list[dict]:
+    """Per ADA tier: bytes per token per head (K, V, metadata) and distortion on held-back keys: logit MSE
+    relative to the exact logits' variance, and cosine of attention outputs (softmax over the held-back keys
+    of a page group, values = keys' own exact rows as a stand-in signal)."""
+    from .kv.ada import AdaTier, allocate_bits
+
+    L, H, D = cal.q_sq.shape
+    G = held[0][0].shape[0] // H
+    rows = []
+    for bits in tiers:
+        vg = min(32, D)
+        tier = AdaTier(allocate_bits(cal.pair_weight, bits), v_bits=v_bits[-1], v_group=vg)
+        mse, cos = [], []
+        for layer in range(L):
+            q_l, k_l = held[layer]
+            n = min(max_pages, k_l.shape[1] // page_size)
+            if n == 0:
+                continue
+            for h in range(H):
+                data = tier.alloc(n, page_size, D)
+                k = k_l[h, : n * page_size].reshape(n, page_size, D)
+                for p in range(n):
+                    tier.write_page(data, p, k[p], k[p], (layer, h))
+                q = q_l[h * G : (h + 1) * G, -max_queries:]  # (G, Tq, D)
+                s = tier.scores(data, np.arange(n), q, (layer, h), D**-0.5).reshape(G, q.shape[1], -1)
+                s_ref = np.einsum("gtd,nd->gtn", q, k.reshape(-1, D)) * D**-0.5
+                mse.append(np.mean((s - s_ref) ** 2) / np.var(s_ref))
+                p_ref, p_got = _softmax(s_ref), _softmax(s)
+                o_ref, o_got = p_ref @ k.reshape(-1, D), p_got @ k.reshape(-1, D)
+                cos.append(np.mean(np.sum(o_ref * o_got, -1) / (np.linalg.norm(o_ref, axis=-1) *
+                                                                   np.linalg.norm(o_got, axis=-1))))
+        P = page_size
+        for vb in v_bits:
+            t = AdaTier(tier.pair_bits, v_bits=vb, v_group=vg)
+            rows.append({"tier": t.name, "key_bits": bits, "v_bits": vb,
+                         "k_bytes": bits / 8, "v_bytes": D * vb / 8,
+                         "metadata_bytes": (t.page_bytes(P, D) - P * bits // 8 - P * D * vb // 8) / P,
+                         "bytes_per_token_head": t.page_bytes(P, D) / P,
+                         "fraction_of_fp16": t.page_bytes(P, D) / P / (2 * D * 2),
+                         "logit_rel_mse": float(np.mean(mse)), "attn_out_cosine": float(np.mean(cos))})
+    return rows
+
+
+def _softmax(s):
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def calibrate(llm, text: str | None = None, source: str = "self-generated", held_back: float = 0.0):
+    """-> Calibration, or (Calibration, held-back q/k per layer) when held_back > 0 (for `report`)."""
     from rich.progress import Progress
 
     t0 = time.perf_counter()
@@ -130,8 +197,11 @@ def calibrate(llm, text: str | None = None, source: str = "self-generated") -> C
         if len(tokens) < 256:
             raise ModelLoadError(f"calibration text is too short ({len(tokens)} tokens; at least 256 needed)")
         task = bar.add_task("calibrate: prefill", total=len(tokens))
-        q_sq, k_range_sq = collect_stats(llm.model, tokens, progress=lambda d, t: bar.update(task, completed=d))
+        out = collect_stats(llm.model, tokens, progress=lambda d, t: bar.update(task, completed=d),
+                            held_back=held_back)
+        (q_sq, k_range_sq), held = (out, None) if not held_back else out
     meta = {"format": FORMAT, "source": source, "tokens": int(len(tokens)),
             "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "seconds": round(time.perf_counter() - t0, 1),
             "date": time.strftime("%Y-%m-%d")}
-    return Calibration(q_sq, k_range_sq, meta)
+    cal = Calibration(q_sq, k_range_sq, meta)
+    return cal if not held_back else (cal, held)

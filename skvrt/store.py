@@ -134,12 +134,15 @@ def is_complete(folder: Path) -> bool:
     )
 
 
-def pull(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
-    """Fetch, verify and convert a known model into the store; repeated calls reuse what is there."""
+def pull(name: str = DEFAULT_MODEL, force: bool = False, calibrate: bool = True) -> Path:
+    """Fetch, verify and convert a known model into the store, then calibrate it for ADA (self-generated
+    text); repeated calls reuse what is there."""
     from .gguf_import import convert_gguf
 
     dest = model_dir(name)
     if is_complete(dest) and not force:
+        if calibrate and not (dest / "skvrt-kv.safetensors").is_file():
+            _calibrate(dest)
         return dest
     gguf = gguf_path(name)
     print(f"skvrt: converting {gguf.name} -> {dest}", file=sys.stderr)
@@ -154,7 +157,20 @@ def pull(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
         if dest.exists():
             shutil.rmtree(dest)
         convert_gguf(gguf, dest, progress=progress)
+    if calibrate:
+        _calibrate(dest)
     return dest
+
+
+def _calibrate(folder: Path) -> None:
+    from .calibrate import calibrate
+    from .llm import LLM
+    from .loader import load_folder
+
+    print(f"skvrt: calibrating {folder.name} for ADA (the model writes its own calibration text) ...",
+          file=sys.stderr)
+    cal = calibrate(LLM(load_folder(folder)))
+    cal.save(folder)
 
 
 def resolve(model: str | os.PathLike | None) -> Path:

@@ -60,4 +60,7 @@ def make_cache(args, n_ctx: int | None = None, kv_policy: str = "full", kv_dtype
     except TypeError as e:
         raise InputError(f"bad option for --kv-policy {kv_policy}: {e}") from None
     kw = {"page_size": page_size} if page_size else {}
-    return PagedKVCache.for_model(args, n_ctx, kv_dtype, policy=policy, **kw)
+    try:
+        return PagedKVCache.for_model(args, n_ctx, kv_dtype, policy=policy, **kw)
+    except ValueError as e:  # a tier that does not fit this model's shapes
+        raise InputError(f"--kv-policy {kv_policy}: {e}") from None

@@ -91,6 +91,8 @@ class AdaTier:
         return QuantTier(8, self.v_bits, self.v_group)  # its value codec only
 
     def alloc(self, n_pages: int, P: int, D: int) -> dict[str, np.ndarray]:
+        if D % self.v_group:
+            raise ValueError(f"v_group {self.v_group} does not divide head_dim {D}")
         ng = D // self.v_group
         return {
             "codes": np.zeros((n_pages, P, self.key_bits // 8), np.uint8),

@@ -97,6 +97,8 @@ class QuantTier:
         return f"quant-k{self.k_bits}v{self.v_bits}"
 
     def alloc(self, n_pages: int, P: int, D: int) -> dict[str, np.ndarray]:
+        if D % self.v_group:
+            raise ValueError(f"v_group {self.v_group} does not divide head_dim {D}")
         ng = D // self.v_group
         return {
             "k_codes": np.zeros((n_pages, P, D * self.k_bits // 8), np.uint8),
