@@ -25,7 +25,7 @@ import numpy as np
 from .errors import ModelLoadError
 from .safetensors_io import read_safetensors, write_safetensors
 
-SIDECAR = "skvrt-kv.safetensors"
+from .loader import SIDECAR  # noqa: E402  (one name for the sidecar file)
 FORMAT = 1
 PROMPTS = [
     "Write a detailed essay about the history of the Roman Empire.",

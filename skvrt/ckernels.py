@@ -94,6 +94,10 @@ def _declare(L: ctypes.CDLL) -> None:
         fn.restype = ctypes.c_int
     L.skvrt_set_threads.argtypes = [i]
     L.skvrt_set_threads.restype = None
+    for name in ("skvrt_mixed_decode_f16", "skvrt_mixed_decode_f32"):
+        fn = getattr(L, name)
+        fn.argtypes = [P] * 15 + [i] * 8 + [f, P]
+        fn.restype = ctypes.c_int
 
 
 def set_threads(n: int) -> None:
@@ -117,3 +121,48 @@ def dense_decode(q, pool, page_ids, n_pages, scale: float, out, mass=None) -> No
             pool.page_size, D, max_pages, scale, ptr(out), ptr(mass) if mass is not None else None)
     if rc != 0:
         raise ValueError(f"dense_decode rejected shapes: nq={nq} H={H} P={pool.page_size} D={D}")
+
+
+def mixed_decode(q, dense_pool, ada_pool, page_ids, page_tiers, n_pages, angle_bits, radius_bits, scale: float,
+                 out) -> None:
+    """One decode step of one layer over dense (tier 0) and ADA (tier 1) pages: C twin of cache._scores +
+    softmax_attend. q, out (nq, D) float32; page_ids (H, max_pages) int32, page_tiers (H, max_pages) int8,
+    n_pages (H,) int32 (this layer's table rows); angle_bits, radius_bits (H, D/2) uint8 =
+    ada.split_bits(tier.pair_bits[layer]). Shapes: see kernels_c/attention_ada.c."""
+    import numpy as np
+
+    L = lib()
+    H, max_pages = page_ids.shape
+    nq, D = q.shape
+    P = dense_pool.page_size
+    kd, ad = dense_pool.data, ada_pool.data
+    tier = ada_pool.tier
+    KB, vb, vg = tier.key_bits // 8, tier.v_bits, tier.v_group
+    assert q.dtype == np.float32 and q.flags.c_contiguous
+    assert out.dtype == np.float32 and out.flags.c_contiguous and out.shape == (nq, D)
+    assert nq % H == 0 and ada_pool.page_size == P and dense_pool.head_dim == D == ada_pool.head_dim
+    assert page_ids.dtype == np.int32 and page_ids.flags.c_contiguous
+    assert page_tiers.dtype == np.int8 and page_tiers.flags.c_contiguous and page_tiers.shape == (H, max_pages)
+    assert n_pages.dtype == np.int32 and n_pages.flags.c_contiguous and n_pages.shape == (H,)
+    for a in (angle_bits, radius_bits):
+        assert a.dtype == np.uint8 and a.flags.c_contiguous and a.shape == (H, D // 2)
+    kdt = kd["k"].dtype
+    assert kdt in (np.float16, np.float32) and kd["v"].dtype == kdt
+    n0, n1 = dense_pool.n_pages, ada_pool.n_pages
+    for name, a, shape, dt in (("k", kd["k"], (n0, P, D), kdt), ("v", kd["v"], (n0, P, D), kdt),
+                               ("fill0", dense_pool.fill, (n0,), np.int32),
+                               ("codes", ad["codes"], (n1, P, KB), np.uint8),
+                               ("frame", ad["frame"], (n1, D // 2, 4), np.float16),
+                               ("v_codes", ad["v_codes"], (n1, P, D * vb // 8), np.uint8),
+                               ("v_min", ad["v_min"], (n1, P, D // vg), np.float16),
+                               ("v_scale", ad["v_scale"], (n1, P, D // vg), np.float16),
+                               ("fill1", ada_pool.fill, (n1,), np.int32)):
+        assert a.dtype == dt and a.shape == shape and a.flags.c_contiguous, name
+    fn = L.skvrt_mixed_decode_f16 if kdt == np.float16 else L.skvrt_mixed_decode_f32
+    rc = fn(ptr(q), ptr(kd["k"]), ptr(kd["v"]), ptr(dense_pool.fill), ptr(ad["codes"]), ptr(ad["frame"]),
+            ptr(ad["v_codes"]), ptr(ad["v_min"]), ptr(ad["v_scale"]), ptr(ada_pool.fill), ptr(page_ids),
+            ptr(page_tiers), ptr(n_pages), ptr(angle_bits), ptr(radius_bits), nq, H, P, D, max_pages, KB, vb, vg,
+            scale, ptr(out))
+    if rc != 0:
+        raise ValueError(f"mixed_decode rejected its inputs (rc {rc}): nq={nq} H={H} P={P} D={D} "
+                         f"key bytes={KB} v_bits={vb} v_group={vg}")

@@ -14,6 +14,8 @@ from .models import get_architecture
 from .safetensors_io import read_safetensors
 from .tokenizer import Tokenizer
 
+SIDECAR = "skvrt-kv.safetensors"  # skvrt.calibrate's sidecar, next to the weights
+
 
 @dataclasses.dataclass
 class LoadedModel:
@@ -49,7 +51,7 @@ def weight_files(folder: Path) -> list[Path]:
         if missing:
             raise ModelLoadError(f"shard(s) listed in {index.name} are missing: {', '.join(missing)}")
         return files
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != SIDECAR)  # the sidecar is not weights
     if not files:
         raise ModelLoadError(f"no *.safetensors weights in {folder}")
     return files

@@ -129,9 +129,14 @@ def model_dir(name: str) -> Path:
 
 
 def is_complete(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file() and any(
-        folder.glob("*.safetensors")
-    )
+    from .loader import weight_files
+
+    if not ((folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()):
+        return False
+    try:
+        return bool(weight_files(folder))
+    except ModelLoadError:
+        return False
 
 
 def pull(name: str = DEFAULT_MODEL, force: bool = False, calibrate: bool = True) -> Path:

@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import ckernels
 from ..errors import ContextOverflowError
+from .ada import AdaTier, split_bits
 from .attention import gather_dense, softmax_attend
 from .pages import PAGE_SIZE, PageTable
 from .pool import TierPool
@@ -60,7 +61,11 @@ class PagedKVCache:
         self.offset = 0  # tokens committed (the next token's position)
         self.n_old = 0  # tokens moved out of the dense tier: positions [sinks, sinks + n_old)
         self.scale = head_dim ** -0.5
-        self.use_c = ckernels.lib() is not None  # dense decode steps through the C kernel; NumPy otherwise
+        self.use_c = ckernels.lib() is not None  # decode steps through the C kernels; NumPy twins otherwise
+        self._ada_bits = None  # (angle bits, radius bits) (L, H, D/2) uint8 for the C ADA kernel
+        if isinstance(policy.old_tier, AdaTier):
+            ba, br = split_bits(policy.old_tier.pair_bits)
+            self._ada_bits = (np.ascontiguousarray(ba, np.uint8), np.ascontiguousarray(br, np.uint8))
 
     @classmethod
     def for_model(cls, args, n_ctx: int | None = None, kv_dtype: str = "float16", **kw) -> "PagedKVCache":
@@ -154,6 +159,13 @@ class PagedKVCache:
             out = np.empty((nq, D), dtype=np.float32)
             ckernels.dense_decode(np.ascontiguousarray(q[:, 0], dtype=np.float32), self.pools[DENSE],
                                   self.table.page_ids[layer], self.table.n_pages[layer], self.scale, out)
+            return out[:, None, :]
+        if T == 1 and self.use_c and self._ada_bits is not None:  # decode over dense + ADA pages, from codes
+            out = np.empty((nq, D), dtype=np.float32)
+            ba, br = self._ada_bits
+            ckernels.mixed_decode(np.ascontiguousarray(q[:, 0], dtype=np.float32), self.pools[DENSE],
+                                  self.pools[OLD], self.table.page_ids[layer], self.table.page_tiers[layer],
+                                  self.table.n_pages[layer], ba[layer], br[layer], self.scale, out)
             return out[:, None, :]
         out = np.empty_like(q)
         for h in range(self.n_kv_heads):
