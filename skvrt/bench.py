@@ -212,6 +212,7 @@ def bench_meta(llm=None, kv_dtype: str | None = None, command: str | None = None
         meta["model_name"] = llm.loaded.path.name
         meta["n_ctx"] = llm.n_ctx
         meta["kv_dtype"] = kv_dtype or str(llm.cache.pools[0].tier.dtype)
+        meta["kv_policy"] = llm.cache.policy.name
         meta["threads"] = getattr(llm, "threads", None)
         meta["decode_attention"] = attention_path(llm)
     elif kv_dtype:
@@ -233,7 +234,7 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
     for key, label in (("command", "Command"), ("date", "Date"), ("machine", "Machine"),
                        ("cpu_count", "CPUs"), ("platform", "Platform"), ("python", "Python"),
                        ("numpy", "NumPy"), ("blas", "BLAS"), ("blas_threads", "BLAS threads"),
-                       ("model", "Model"), ("kv_dtype", "KV dtype"), ("n_ctx", "n_ctx"),
+                       ("model", "Model"), ("kv_policy", "KV policy"), ("kv_dtype", "KV dtype"), ("n_ctx", "n_ctx"),
                        ("decode_attention", "Decode attention")):
         if meta.get(key) is not None:
             value = f"`{meta[key]}`" if key in ("command", "model") else meta[key]
