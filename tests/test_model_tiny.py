@@ -99,3 +99,32 @@ def test_fp16_cache_close_to_fp32(tmp_path):
     # fp16 storage rounds K/V to 11 significant bits: relative error ~5e-4 per element
     assert np.abs(a - b).max() < 5e-2
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.95
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    """save_pretrained with a small shard size writes model-0000x-of-0000y.safetensors + an index."""
+    folder, hf = make_tiny(tmp_path, "sharded", num_attention_heads=4, num_key_value_heads=2)
+    sharded = tmp_path / "sharded_out"
+    hf.save_pretrained(sharded, safe_serialization=True, max_shard_size="60KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    ids = np.random.default_rng(4).integers(0, 97, size=40)
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)[None]).logits[0].numpy()
+    model, cache = build(sharded)
+    assert np.abs(model.forward(ids, cache, all_logits=True) - ref).max() < 1e-4
+
+
+def test_bf16_checkpoint(tmp_path):
+    """bf16 weights are read without torch; the oracle is the same bf16 weights run by transformers in fp32."""
+    folder, hf = make_tiny(tmp_path, "bf16src", num_attention_heads=4, num_key_value_heads=2)
+    hf_bf16 = hf.to(torch.bfloat16)
+    out = tmp_path / "bf16"
+    hf_bf16.save_pretrained(out, safe_serialization=True)
+    # the oracle loads the saved bf16 folder upcast to fp32 (so its rotary buffers are fp32, not bf16-rounded)
+    hf32 = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = np.random.default_rng(6).integers(0, 97, size=40)
+    with torch.no_grad():
+        ref = hf32(torch.tensor(ids)[None]).logits[0].numpy()
+    model, cache = build(out)
+    assert np.abs(model.forward(ids, cache, all_logits=True) - ref).max() < 1e-4
