@@ -124,3 +124,20 @@ def test_cache_ada_attention_matches_brute_force():
 def test_ada_without_calibration_falls_back_to_dense(capsys):
     pol = make_policy("ada", calibration=None)
     assert pol.keep_all and "calibrate" in capsys.readouterr().err
+
+
+def test_prefill_path_equals_decode_path_over_ada_pages():
+    """Chunks of queries (GEMM over transiently decoded keys) give the logits the LUT path gives per query."""
+    L, H, G, D, P, T = 1, 1, 3, 64, 16, 120
+    rng = np.random.default_rng(11)
+    cal = Calibration(rng.uniform(0.1, 2, (L, H, D)).astype(np.float32),
+                      rng.uniform(0.1, 2, (L, H, D)).astype(np.float32), {})
+    pol = make_policy("ada", sinks=2, window=16, tier=128, calibration=cal)
+    cache = PagedKVCache(L, H, D, n_ctx=256, kv_dtype="float32", page_size=P, policy=pol)
+    cache.append(0, random_keys(rng, T, D)[None], rng.normal(size=(1, T, D)).astype(np.float32))
+    cache.advance(T)
+    cache.use_c = False
+    q = rng.normal(size=(G, 12, D)).astype(np.float32)
+    together = cache.attend(0, q, np.full(12, T))
+    one_by_one = np.concatenate([cache.attend(0, q[:, t : t + 1], np.array([T])) for t in range(12)], axis=1)
+    np.testing.assert_allclose(together, one_by_one, atol=2e-5)

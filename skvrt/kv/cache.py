@@ -189,9 +189,15 @@ class PagedKVCache:
                 continue
             valid = np.arange(self.page_size)[None, :] < pool.fill[pids][:, None]  # (n, P)
             pos = pool.positions[pids][valid]
-            if hasattr(pool.tier, "scores"):
+            if hasattr(pool.tier, "scores") and q.shape[1] <= 8:  # decode: logits from the codes (LUT twin)
                 s = pool.tier.scores(pool.data, pids, q, (layer, h), self.scale)  # (G, T, n, P)
                 parts.append((s[:, :, valid], pool.tier.read_values(pool.data, pids)[valid], pos))
+            elif hasattr(pool.tier, "scores"):
+                # prefill chunk: the same logits as a GEMM over keys decoded transiently for this (layer, head)
+                # (a (chunk x N) LUT gather costs ~50x more in NumPy; decode steps never take this path)
+                k = pool.tier.decode_keys(pool.data, pids, (layer, h))[valid]
+                parts.append((np.einsum("gtd,nd->gtn", q, k) * np.float32(self.scale),
+                              pool.tier.read_values(pool.data, pids)[valid], pos))
             else:
                 k, v = pool.tier.read(pool.data, pids)
                 parts.append((np.einsum("gtd,nd->gtn", q, k[valid]) * np.float32(self.scale), v[valid], pos))
