@@ -43,7 +43,8 @@ def bench(
         None, "--threads", "-t", help="BLAS threads (default: $SKVRT_THREADS or half the cores)."),
     kv_dtype: str = typer.Option("float16", "--kv-dtype", help="Dense KV tier storage: float16 or float32."),
     kv_policy: str = typer.Option("full", "--kv-policy", help="KV cache policy: full, window, ada, quant."),
-    kv_opt: list[str] = typer.Option([], "--kv-opt", help="Policy option key=value (repeatable), e.g. tier=192."),
+    kv_opt: list[str] = typer.Option([], "--kv-opt", help="Policy option key=value (repeatable), e.g. window=64."),
+    kv_tier: Optional[int] = typer.Option(None, "--kv-tier", help="ADA tier: key bits per token per KV head."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the markdown table."),
     ctx_size: Optional[int] = typer.Option(
         None, "--ctx-size", "-c",
@@ -74,7 +75,7 @@ def bench(
         from skvrt.evaluate import parse_policy_opts
 
         llm = skvrt.load(model, n_ctx=n_ctx, kv_dtype=kv_dtype, threads=threads, kv_policy=kv_policy,
-                         kv_opts=parse_policy_opts(list(kv_opt)))
+                         kv_opts=parse_policy_opts(list(kv_opt) + ([f"tier={kv_tier}"] if kv_tier else [])))
 
         def progress(msg: str) -> None:
             status.update(f"bench: {msg}")

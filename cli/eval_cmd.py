@@ -28,14 +28,16 @@ eval_app = typer.Typer(
 )
 
 ModelOpt = typer.Option(None, "--model", "-m",
-                        help="HF folder, .gguf file, or known model name [default: smollm2-135m-instruct]")
-ThreadsOpt = typer.Option(None, "--threads", "-t", help="BLAS threads [default: $SKVRT_THREADS or half the cores].")
+                        help="HF folder, .gguf file, or known model name (default: smollm2-135m-instruct).")
+ThreadsOpt = typer.Option(None, "--threads", "-t", help="BLAS threads (default: $SKVRT_THREADS, else half the cores).")
 PolicyOpt = typer.Option("full", "--kv-policy", help="KV policy under test (see skvrt.kv.KV_POLICIES).")
 KvDtypeOpt = typer.Option("float16", "--kv-dtype",
                           help="Dense KV tier storage of the tested cache: float16 or float32.")
 KvOptOpt = typer.Option([], "--kv-opt",
                         help="Policy option key=value, forwarded to make_cache (repeatable; numbers parsed).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of markdown.")
+KvTierOpt = typer.Option(None, "--kv-tier", help="ADA tier: key bits per token per KV head (e.g. 128, 192, 256); "
+                         "same as --kv-opt tier=N.")
 
 
 def _load(model: Optional[str], threads: Optional[int]):
@@ -113,6 +115,10 @@ def _kl_run(model, text, kv_policy, kv_dtype, window, eval_tokens, max_windows, 
         print(report.markdown(ppl_first=ppl_first))
 
 
+def with_tier(kv_opt: list[str], kv_tier: int | None) -> list[str]:
+    return list(kv_opt) + ([f"tier={kv_tier}"] if kv_tier is not None else [])
+
+
 def _kl_options(ppl_first: bool):
     def cmd(
         text: str = typer.Option(..., "--text", help="UTF-8 text file to evaluate on (never calibration text)."),
@@ -120,6 +126,7 @@ def _kl_options(ppl_first: bool):
         kv_policy: str = PolicyOpt,
         kv_dtype: str = KvDtypeOpt,
         kv_opt: list[str] = KvOptOpt,
+        kv_tier: Optional[int] = KvTierOpt,
         window: int = typer.Option(2048, "--window", help="Tokens per window (cache context N)."),
         eval_tokens: int = typer.Option(256, "--eval-tokens",
                                         help="Scored decode steps at the end of each window (E)."),
@@ -135,7 +142,7 @@ def _kl_options(ppl_first: bool):
             help="Reference path: steps (decode steps) or chunk (one all-logits pass; same numbers within 1e-5)."),
     ):
         _kl_run(model, text, kv_policy, kv_dtype, window, eval_tokens, max_windows, as_json, threads, cache_ref,
-                kv_opt, ref_mode, ppl_first, "skvrt " + " ".join(sys.argv[1:]))
+                with_tier(kv_opt, kv_tier), ref_mode, ppl_first, "skvrt " + " ".join(sys.argv[1:]))
 
     return cmd
 
@@ -157,6 +164,7 @@ def passkey(
     kv_policy: str = PolicyOpt,
     kv_dtype: str = KvDtypeOpt,
     kv_opt: list[str] = KvOptOpt,
+    kv_tier: Optional[int] = KvTierOpt,
     lengths: str = typer.Option("1k,2k,4k,7.5k", "--lengths", help="Total prompt lengths in tokens (k = 1024)."),
     depths: str = typer.Option("10,50,90", "--depths", help="Needle depths in percent of the prompt."),
     trials: int = typer.Option(3, "--trials", help="Prompts per (length, depth) cell, each with its own key."),
@@ -173,7 +181,7 @@ def passkey(
                                 run_passkey)
 
     _check_policy(kv_policy, kv_dtype)
-    opts = parse_policy_opts(kv_opt)
+    opts = parse_policy_opts(with_tier(kv_opt, kv_tier))
     L, D = parse_lengths(lengths), parse_depths(depths)
     if trials < 1:
         raise InputError("--trials must be >= 1")

@@ -14,6 +14,8 @@ import typer
 
 from skvrt.errors import InputError, SkvrtError
 
+from .eval_cmd import eval_app, with_tier
+
 app = typer.Typer(
     name="skvrt",
     help="Spherical KV runtime: run, chat with, convert and benchmark LLMs without PyTorch.",
@@ -36,7 +38,8 @@ SystemOpt = typer.Option(None, "--system-prompt", "-s", help="System message (ch
 CtxOpt = typer.Option(None, "--ctx-size", "-c", help="Context length in tokens (default: the model's).")
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="BLAS threads (default: $SKVRT_THREADS, else half the cores).")
 KvDtypeOpt = typer.Option("float16", "--kv-dtype", help="Dense KV tier storage: float16 or float32.")
-KvPolicyOpt = typer.Option("full", "--kv-policy", help="KV cache policy: full, window (sinks + recent), quant (int4 K/V for old tokens).")
+KvPolicyOpt = typer.Option("full", "--kv-policy", help="KV cache policy: full, window (sinks + recent), ada (angle-domain key codes; --kv-tier), quant (int K/V for old tokens).")
+KvTierOpt = typer.Option(None, "--kv-tier", help="ADA tier: key bits per token per KV head (e.g. 128, 192, 256).")
 KvOptOpt = typer.Option([], "--kv-opt", help="Policy option key=value (repeatable): sinks, window, k_bits, v_bits, v_group.")
 
 
@@ -105,6 +108,7 @@ def run(
     kv_dtype: str = KvDtypeOpt,
     kv_policy: str = KvPolicyOpt,
     kv_opt: list[str] = KvOptOpt,
+    kv_tier: Optional[int] = KvTierOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory stats to stderr."),
 ):
     """Generate a completion for one prompt and stream it to stdout."""
@@ -112,7 +116,7 @@ def run(
     if not text.strip():
         raise InputError("the prompt is empty")
     opts = sampling(temp, top_p, top_k, min_p, repeat_penalty, seed)
-    llm = load_llm(model, ctx_size, threads, kv_dtype, kv_policy, kv_opt)
+    llm = load_llm(model, ctx_size, threads, kv_dtype, kv_policy, with_tier(kv_opt, kv_tier))
     if raw:
         stream = llm.stream(text, max_tokens, stop=stop, **opts)
     else:
@@ -146,12 +150,13 @@ def chat(
     kv_dtype: str = KvDtypeOpt,
     kv_policy: str = KvPolicyOpt,
     kv_opt: list[str] = KvOptOpt,
+    kv_tier: Optional[int] = KvTierOpt,
 ):
     """Interactive chat (REPL). /help lists commands; Ctrl-C stops a reply, Ctrl-C at the prompt exits."""
     from .repl import ChatREPL
 
     opts = sampling(temp, top_p, top_k, min_p, repeat_penalty, seed)
-    llm = load_llm(model, ctx_size, threads, kv_dtype, kv_policy, kv_opt)
+    llm = load_llm(model, ctx_size, threads, kv_dtype, kv_policy, with_tier(kv_opt, kv_tier))
     ChatREPL(llm, system_prompt, max_tokens, opts).loop()
 
 
@@ -240,8 +245,6 @@ def info(
         for k, v in d.items():
             print(f"{k:<{width}}  {v:,}" if type(v) is int else f"{k:<{width}}  {v}")
 
-
-from .eval_cmd import eval_app  # noqa: E402
 
 app.add_typer(eval_app, name="eval", help="Quality of a KV policy: KL / perplexity vs the fp32 cache, passkey retrieval.")
 
