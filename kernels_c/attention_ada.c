@@ -38,8 +38,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-#include <immintrin.h>
+#include "simd.h"
+#ifdef SKVRT_SIMD
 #define ADA_SIMD 1
 #endif
 
@@ -48,26 +48,7 @@
 #define ADA_MAX_G 16
 #define ADA_MAX_W 12
 
-static inline float ada_h2f(uint16_t h)
-{
-#ifdef ADA_SIMD
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, bits;
-    if (e == 0) {
-        if (m == 0) bits = sign;
-        else {
-            int s = 0;
-            while (!(m & 0x400)) { m <<= 1; s++; }
-            bits = sign | ((uint32_t)(113 - s) << 23) | ((m & 0x3ff) << 13);
-        }
-    } else if (e == 31) bits = sign | 0x7f800000u | (m << 13);
-    else bits = sign | ((e + 112) << 23) | (m << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
+#define ada_h2f skvrt_h2f
 
 /* ---- sin / cos ------------------------------------------------------------------------------------------
  * x = k * pi/2 + r, |r| <= pi/4 (pi/2 split in three parts, exact for |k| < 2^11), then Taylor series to
@@ -121,13 +102,7 @@ static inline void ada_sincos8(__m256 x, __m256 *s, __m256 *c)
     *c = _mm256_xor_ps(cv, cneg);
 }
 
-static inline float ada_hsum8(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
+#define ada_hsum8 skvrt_hsum8
 #endif
 
 /* ---- per-head plan for the ADA code stream ---------------------------------------------------------- */
@@ -503,8 +478,8 @@ static void ada_page_values(const uint8_t *vc, const uint16_t *vmn, const uint16
 
 /* ---- dense pages ------------------------------------------------------------------------------------- */
 #ifdef ADA_SIMD
-static inline __m256 ada_ld8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-static inline __m256 ada_ld8_f32(const float *p) { return _mm256_loadu_ps(p); }
+#define ada_ld8_f16 skvrt_ld8_f16
+#define ada_ld8_f32 skvrt_ld8_f32
 #define ADA_DENSE_OPS(SUF, KV_T, LD8)                                                                       \
 static void ada_dense_scores_##SUF(const KV_T *kp, int f, int D, const float *qh, int G, float scale,       \
                                    float (*s)[ADA_MAX_P])                                                    \

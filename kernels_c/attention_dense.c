@@ -22,44 +22,16 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-#include <immintrin.h>
-#define SKVRT_SIMD 1
-#endif
+#include "simd.h"
 
 #define MAX_D 256
 #define MAX_P 256
 #define MAX_G 16
 
-/* row loaders: 8 consecutive elements as float32 */
-#ifdef SKVRT_SIMD
-static inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
-static inline float hsum8(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-#endif
-
-static inline float f16_to_f32(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) bits = sign;
-        else { /* subnormal */
-            int e = -1;
-            do { man <<= 1; e++; } while (!(man & 0x400));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
-    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+#define load8_f16 skvrt_ld8_f16
+#define load8_f32 skvrt_ld8_f32
+#define hsum8 skvrt_hsum8
+#define f16_to_f32 skvrt_h2f
 
 /* dot(q, row) and acc += p * row, for one storage type */
 #ifdef SKVRT_SIMD

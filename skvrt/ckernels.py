@@ -27,6 +27,11 @@ def _sources() -> list[Path]:
     return sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".c"))
 
 
+def _headers() -> list[Path]:
+    root = resources.files("skvrt.kernels_c")
+    return sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".h"))
+
+
 def _cpu_key() -> str:
     try:
         flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags"))
@@ -67,7 +72,7 @@ def lib() -> ctypes.CDLL | None:
     try:
         sources = _sources()
         h = hashlib.sha256(" ".join(FLAGS).encode() + _cpu_key().encode())
-        for s in sources:
+        for s in sources + _headers():
             h.update(s.read_bytes())
         out = build_dir() / f"skvrt_kernels_{h.hexdigest()[:16]}.so"
         if not out.is_file():
