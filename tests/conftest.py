@@ -51,3 +51,11 @@ def converted_default(default_gguf) -> Path:
 @pytest.fixture(scope="session")
 def default_model_dir(converted_default) -> Path:
     return converted_default
+
+
+@pytest.fixture(scope="session")
+def loaded(default_model_dir):
+    """The default model loaded once per session (skvrt.loader.LoadedModel; read-only use)."""
+    from skvrt.loader import load_folder
+
+    return load_folder(default_model_dir)

@@ -14,7 +14,6 @@ import pytest
 import skvrt
 from skvrt.generate import generate_step, prefill
 from skvrt.kv.cache import PagedKVCache
-from skvrt.loader import load_folder
 from skvrt.sample import SamplerSettings, make_sampler
 
 torch = pytest.importorskip("torch", reason="torch (test extra) is the transformers oracle's backend")
@@ -41,16 +40,6 @@ N_GREEDY = 48  # tokens generated; at least 40 must be compared
 
 
 # ---- fixtures ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def default_model_dir(converted_default):
-    return converted_default  # conftest: the store's fp32 folder from skvrt.store.pull()
-
-
-@pytest.fixture(scope="module")
-def loaded(default_model_dir):
-    return load_folder(default_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -30,11 +30,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 
 
 @pytest.fixture(scope="module")
-def default_model_dir(converted_default):
-    return converted_default  # conftest: the store's fp32 folder from skvrt.store.pull()
-
-
-@pytest.fixture(scope="module")
 def real_config(default_model_dir) -> dict:
     return json.loads((default_model_dir / "config.json").read_text())
 

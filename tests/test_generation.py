@@ -19,7 +19,6 @@ from hypothesis.extra import numpy as hnp
 from skvrt.generate import stream_generate
 from skvrt.kv.cache import PagedKVCache
 from skvrt.llm import LLM
-from skvrt.loader import load_folder
 from skvrt.sample import (
     SamplerSettings,
     apply_repetition_penalty,
@@ -193,16 +192,6 @@ def test_sampling_distribution_matches_softmax(temp, top_k):
 
 
 # ---- the real tokenizer and model (loaded once) --------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def default_model_dir(converted_default):
-    return converted_default  # conftest: the store's fp32 folder from skvrt.store.pull()
-
-
-@pytest.fixture(scope="module")
-def loaded(default_model_dir):
-    return load_folder(default_model_dir)
 
 
 @pytest.fixture(scope="module")
