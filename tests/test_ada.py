@@ -46,9 +46,11 @@ def make_tier(L=1, H=2, D=64, key_bits=192, seed=0):
 
 
 def random_keys(rng, n, D):
-    # RoPE-like: pairs with a dominant direction per page plus spread, radii of varied scale
+    # RoPE-like: most pairs with a dominant direction per page plus spread; the first quarter rotate fast,
+    # covering the whole circle within a page (span > pi); radii of varied scale
     h2 = D // 2
     ang = rng.uniform(-np.pi, np.pi, h2) + rng.normal(0, 0.6, (n, h2))
+    ang[:, : h2 // 4] = rng.uniform(-np.pi, np.pi, (n, h2 // 4))
     rad = rng.uniform(0.2, 4, h2) * rng.lognormal(0, 0.3, (n, h2))
     return np.concatenate([rad * np.cos(ang), rad * np.sin(ang)], axis=1).astype(np.float32)
 
@@ -73,7 +75,7 @@ def test_codec_error_bounded_by_the_frame():
         if br[i] > 0:
             assert np.abs(rho[:, i] - rho_h[:, i]).max() <= fr[i, 3] / 2 + 2**-10 * (fr[i, 2] + 2.0 ** br[i] * fr[i, 3])
     rel = np.linalg.norm(k - kh) / np.linalg.norm(k)
-    assert rel < 0.15  # 3 bits per key dim on average
+    assert rel < 0.25  # 3 bits per key dim on average, a quarter of the pairs spread over the whole circle
 
 
 @pytest.mark.parametrize("key_bits", [64, 128, 192, 256])

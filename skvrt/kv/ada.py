@@ -129,11 +129,11 @@ class AdaTier:
         rlo, rhi = rho.min(0), rho.max(0)
         rho0 = np.where(nr > 1, rlo, rho.mean(0))
         drho = np.where(nr > 1, (rhi - rlo) / np.maximum(nr - 1, 1), 0.0)
-        theta0 = np.angle(np.exp(1j * theta0))
-        frame = np.stack([theta0, gamma, rho0, drho], axis=-1).astype(np.float16)  # (D/2, 4)
+        frame = np.stack([np.angle(np.exp(1j * theta0)), gamma, rho0, drho], axis=-1).astype(np.float16)  # (D/2, 4)
         f32 = frame.astype(np.float64)  # codes from the stored (rounded) frame, so decoding is consistent
-        rel = np.angle(np.exp(1j * (phi - f32[:, 0])))  # angle past theta0
-        rel = np.where(rel < -0.5 * np.pi, rel + 2 * np.pi, rel)  # keep just-below-theta0 near 0
+        # angle past the stored theta0: the offset from the page's lowest angle (in [0, span], span may
+        # exceed pi for pairs that rotate fast) plus the tiny rounding shift of theta0; never re-wrapped
+        rel = (off - lo) + np.angle(np.exp(1j * (theta0 - f32[:, 0])))
         a = np.where(f32[:, 1] > 0, np.rint(rel / np.where(f32[:, 1] > 0, f32[:, 1], 1)), 0)
         r = np.where(f32[:, 3] > 0, np.rint((rho - f32[:, 2]) / np.where(f32[:, 3] > 0, f32[:, 3], 1)), 0)
         a = np.clip(a, 0, na - 1).astype(np.int64)
