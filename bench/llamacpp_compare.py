@@ -134,7 +134,11 @@ def worker_skvrt(spec: dict) -> dict:
     import skvrt
     from skvrt.bench import bench_meta, run_bench
 
-    llm = skvrt.load(spec["model"], n_ctx=spec["n_ctx"], kv_dtype=spec["kv_dtype"], threads=spec["threads"])
+    from skvrt.evaluate import parse_policy_opts
+
+    name, _, opts = spec.get("policy", "full").partition(":")
+    llm = skvrt.load(spec["model"], n_ctx=spec["n_ctx"], kv_dtype=spec["kv_dtype"], threads=spec["threads"],
+                     kv_policy=name, kv_opts=parse_policy_opts([o for o in opts.split(",") if o]))
     n = len(spec["ids"])
     c0, w0 = time.process_time(), time.perf_counter()
     rows = run_bench(llm, [n], n_decode=spec["n_decode"], repeats=spec["repeats"], warmup=True,
@@ -260,15 +264,18 @@ def report(res: dict) -> str:
         "| CPU share | runs |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    policies = res.get("skvrt_policies") or {"full": res["skvrt"]}
     for n in contexts:
-        s = res["skvrt"].get(str(n))
-        if s:
-            lines.append(
-                f"| {n} | skvrt ({m['skvrt_kv_dtype']} KV) | {fmt_mmm(s['prefill_tps'])} | {fmt_mmm(s['decode_tps'])} | "
-                f"{fmt_mmm(s['decode_ms_per_step'])} | {s['peak_rss_mb']:.0f} | {s['kv_bytes_per_token']:,.0f} | "
-                f"{_share(s.get('cpu_share'))} | {s.get('repeats', '?')} |")
-        else:
-            lines.append(f"| {n} | skvrt | failed | | | | |")
+        for pol, rows in policies.items():
+            s = rows.get(str(n))
+            label = f"skvrt ({m['skvrt_kv_dtype']} KV)" if pol == "full" else f"skvrt `{pol}`"
+            if s:
+                lines.append(
+                    f"| {n} | {label} | {fmt_mmm(s['prefill_tps'])} | {fmt_mmm(s['decode_tps'])} | "
+                    f"{fmt_mmm(s['decode_ms_per_step'])} | {s['peak_rss_mb']:.0f} | {s['kv_bytes_per_token']:,.0f} | "
+                    f"{_share(s.get('cpu_share'))} | {s.get('repeats', '?')} |")
+            else:
+                lines.append(f"| {n} | {label} | failed | | | | |")
         for kv in kvs:
             L = res["llama"].get(kv, {}).get(str(n))
             if L:
@@ -282,17 +289,17 @@ def report(res: dict) -> str:
         "",
         "## Ratios skvrt / llama.cpp (medians; > 1 means skvrt is faster, or uses more memory)",
         "",
-        "| context | vs | prefill tok/s | decode tok/s | peak RSS | KV bytes/token |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| context | skvrt policy | vs | prefill tok/s | decode tok/s | peak RSS | KV bytes/token |",
+        "|---:|---|---|---:|---:|---:|---:|",
     ]
-    for n in contexts:
-        s = res["skvrt"].get(str(n))
+    for n, (pol, rows) in ((n, pr) for n in contexts for pr in policies.items()):
+        s = rows.get(str(n))
         for kv in kvs:
             L = res["llama"].get(kv, {}).get(str(n))
             if not (s and L):
                 continue
             lines.append(
-                f"| {n} | {kv} | {ratio(s['prefill_tps']['median'], L['prefill_tps']['median'])} | "
+                f"| {n} | {pol} | {kv} | {ratio(s['prefill_tps']['median'], L['prefill_tps']['median'])} | "
                 f"{ratio(s['decode_tps']['median'], L['decode_tps']['median'])} | "
                 f"{ratio(s['peak_rss_mb'], L['peak_rss_mb']['median'])} | "
                 f"{ratio(s['kv_bytes_per_token'], L['kv_bytes_per_token'])} |")
@@ -327,6 +334,8 @@ def main(argv=None) -> int:
     p.add_argument("--gguf", default=None, help="GGUF for llama.cpp [default: the default model's, from the store]")
     p.add_argument("--n-ctx", type=int, default=8192, help="context size of both engines")
     p.add_argument("--kv-dtype", default="float16", help="skvrt dense KV dtype")
+    p.add_argument("--skvrt-policy", action="append", default=None,
+                   help="skvrt KV policy NAME[:key=value,...] (repeatable; default: full), e.g. ada:tier=192")
     p.add_argument("--llama-extra-bufts", action="store_true",
                    help="let llama.cpp repack weights into extra buffer types (AMX / repack); off by default "
                         "because its AMX Q4_1 kernel segfaults on this machine")
@@ -340,6 +349,7 @@ def main(argv=None) -> int:
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.skvrt_policy = a.skvrt_policy or ["full"]
 
     if a.worker:
         spec = json.loads(Path(a.spec).read_text())
@@ -391,19 +401,22 @@ def main(argv=None) -> int:
         if a.json_out:
             Path(a.json_out).write_text(json.dumps(res, indent=2))
 
-    if not a.skip_skvrt:
+    res["skvrt_policies"] = {pol: {} for pol in a.skvrt_policy}
+    for pol in ([] if a.skip_skvrt else a.skvrt_policy):
         for n in contexts:
-            log(f"skvrt: context {n}, {a.repeats} runs")
+            log(f"skvrt {pol}: context {n}, {a.repeats} runs")
             spec = {"model": str(folder), "ids": prompts[n], "n_ctx": a.n_ctx, "kv_dtype": a.kv_dtype,
-                    "threads": threads, "n_decode": a.n_decode, "repeats": a.repeats}
+                    "threads": threads, "n_decode": a.n_decode, "repeats": a.repeats, "policy": pol}
             try:
                 out = run_worker(sys.executable, "skvrt", spec, a.timeout)
             except RuntimeError as e:
                 log(str(e))
-                res["errors"][f"skvrt/{n}"] = "failed"
+                res["errors"][f"skvrt/{pol}/{n}"] = "failed"
                 continue
             row = out["row"]
-            res["skvrt"][str(n)] = row
+            res["skvrt_policies"][pol][str(n)] = row
+            if pol == a.skvrt_policy[0]:
+                res["skvrt"][str(n)] = row
             meta["skvrt_blas_threads"] = row["blas_threads"]
             meta["skvrt_decode_attention"] = row.get("decode_attention", "?")
             log(f"skvrt: context {n}: prefill {row['prefill_tps']['median']:.1f} tok/s, decode "
