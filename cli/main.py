@@ -80,8 +80,10 @@ def print_stats(r, llm, file=sys.stderr) -> None:
     s = llm.cache.stats()
     print(
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} tokens, "
-        f"{r.generation_tps:.1f} tok/s | peak RSS {r.peak_memory_mb:.0f} MB | KV {s['tokens']}/{s['n_ctx']} "
-        f"tokens, {s['bytes_used'] / 2**20:.1f} MiB in {s['pages_used']} pages | finish: {r.finish_reason}",
+        f"{r.generation_tps:.1f} tok/s | peak RSS {r.peak_memory_mb:.0f} MB | KV {s['policy']} {s['tokens']}/"
+        f"{s['n_ctx']} tokens, {s['bytes_used'] / 2**20:.1f} MiB in {s['pages_used']} pages "
+        f"({', '.join(f'{k} {v}' for k, v in s['pages_by_tier'].items())}; {s['fraction_of_fp16']:.0%} of fp16)"
+        f" | finish: {r.finish_reason}",
         file=file,
     )
 
