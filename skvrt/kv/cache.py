@@ -41,6 +41,12 @@ class Policy:
     keep_all: bool = True
 
 
+def _logits(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """q (G, T, D), k (N, D) -> q . k (G, T, N) as one BLAS GEMM (np.einsum would not use BLAS)."""
+    G, T, D = q.shape
+    return (q.reshape(G * T, D) @ k.T).reshape(G, T, -1)
+
+
 class PagedKVCache:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, n_ctx: int,
                  kv_dtype: str = "float16", page_size: int = PAGE_SIZE, policy: Policy = Policy()):
@@ -185,7 +191,7 @@ class PagedKVCache:
                 continue
             if t == DENSE:
                 k, v, pos = gather_dense(pool, pids)
-                parts.append((np.einsum("gtd,nd->gtn", q, k) * np.float32(self.scale), v, pos))
+                parts.append((_logits(q, k) * np.float32(self.scale), v, pos))
                 continue
             valid = np.arange(self.page_size)[None, :] < pool.fill[pids][:, None]  # (n, P)
             pos = pool.positions[pids][valid]
@@ -196,11 +202,11 @@ class PagedKVCache:
                 # prefill chunk: the same logits as a GEMM over keys decoded transiently for this (layer, head)
                 # (a (chunk x N) LUT gather costs ~50x more in NumPy; decode steps never take this path)
                 k = pool.tier.decode_keys(pool.data, pids, (layer, h))[valid]
-                parts.append((np.einsum("gtd,nd->gtn", q, k) * np.float32(self.scale),
+                parts.append((_logits(q, k) * np.float32(self.scale),
                               pool.tier.read_values(pool.data, pids)[valid], pos))
             else:
                 k, v = pool.tier.read(pool.data, pids)
-                parts.append((np.einsum("gtd,nd->gtn", q, k[valid]) * np.float32(self.scale), v[valid], pos))
+                parts.append((_logits(q, k[valid]) * np.float32(self.scale), v[valid], pos))
         if not parts:
             G, T, D = q.shape
             return np.zeros((G, T, 0), np.float32), np.zeros((0, D), np.float32), np.zeros(0, np.int32)
