@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelLoadError
-from .safetensors_io import read_safetensors, write_safetensors
+from .safetensors_io import read_safetensors, read_safetensors_header, write_safetensors
 
 from .loader import SIDECAR  # noqa: E402  (one name for the sidecar file)
 FORMAT = 1
@@ -60,13 +60,12 @@ def load_calibration(folder: str | Path) -> Calibration | None:
     if not path.is_file():
         return None
     t = read_safetensors(path)
-    import struct
-
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    meta = json.loads(header.get("__metadata__", {}).get("skvrt", "{}"))
-    if meta.get("format") != FORMAT or "q_sq" not in t or "k_range_sq" not in t:
+    header, _ = read_safetensors_header(path)
+    try:
+        meta = json.loads(header.get("__metadata__", {}).get("skvrt", "{}"))
+    except (json.JSONDecodeError, TypeError):
+        meta = {}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "q_sq" not in t or "k_range_sq" not in t:
         raise ModelLoadError(f"{path} is not a skvrt calibration sidecar of format {FORMAT}; run `skvrt calibrate`")
     return Calibration(np.asarray(t["q_sq"]), np.asarray(t["k_range_sq"]), meta)
 

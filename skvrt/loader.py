@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import ConfigError, ModelLoadError
 from .models import get_architecture
-from .safetensors_io import read_safetensors
+from .safetensors_io import read_safetensors, read_safetensors_header
 from .tokenizer import Tokenizer
 
 SIDECAR = "skvrt-kv.safetensors"  # skvrt.calibrate's sidecar, next to the weights
@@ -89,17 +89,7 @@ def load_folder(folder: str | Path) -> LoadedModel:
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[str, list[int]]]:
     """Tensor name -> (dtype, shape) from a safetensors header, without reading the data."""
-    import struct
-
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelLoadError(f"{path} is too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{path} has a corrupt safetensors header: {e}") from None
+    header, _ = read_safetensors_header(path)
     return {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 

@@ -87,14 +87,9 @@ def _fail(path: Path, msg: str) -> ModelLoadError:
     return ModelLoadError(f"{path}: {msg}")
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read every tensor of a safetensors file.
-
-    F32/F16/BF16 come back as float32 arrays; other dtypes (I64, I32, U8, BOOL, F64, ...) keep their numpy
-    type. F32 and integer tensors are zero-copy copy-on-write views of a memory map of the file (writable,
-    changes stay private); F16/BF16 are widened into new arrays. Any malformed input raises
-    `ModelLoadError` naming the file (and the tensor, where one is at fault).
-    """
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """-> (header JSON object incl. `__metadata__` if present, byte offset where the data starts).
+    Reads only the header; a missing, short or corrupt file raises `ModelLoadError` naming it."""
     path = Path(path)
     if not path.exists():
         raise _fail(path, "file not found")
@@ -117,8 +112,20 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise _fail(path, f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
+    return header, 8 + n
 
-    base = 8 + n
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read every tensor of a safetensors file.
+
+    F32/F16/BF16 come back as float32 arrays; other dtypes (I64, I32, U8, BOOL, F64, ...) keep their numpy
+    type. F32 and integer tensors are zero-copy copy-on-write views of a memory map of the file (writable,
+    changes stay private); F16/BF16 are widened into new arrays. Any malformed input raises
+    `ModelLoadError` naming the file (and the tensor, where one is at fault).
+    """
+    path = Path(path)
+    header, base = read_safetensors_header(path)
+    size = path.stat().st_size
     buffer_len = size - base
     specs: list[tuple[str, str, tuple[int, ...], int, int]] = []
     for name, spec in header.items():

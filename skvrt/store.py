@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -159,9 +158,7 @@ def pull(name: str = DEFAULT_MODEL, force: bool = False, calibrate: bool = True)
         def progress(done, total, tensor):
             bar.update(task, completed=done, total=total, description=f"convert {tensor}")
 
-        if dest.exists():
-            shutil.rmtree(dest)
-        convert_gguf(gguf, dest, progress=progress)
+        convert_gguf(gguf, dest, progress=progress, overwrite=True)
     if calibrate:
         _calibrate(dest)
     return dest
@@ -205,7 +202,5 @@ def convert_cached(gguf: Path) -> Path:
     dest = store_root() / "models" / f"gguf-{gguf.stem}-{gguf.stat().st_size}"
     if not is_complete(dest):
         print(f"skvrt: converting {gguf} -> {dest}", file=sys.stderr)
-        if dest.exists():
-            shutil.rmtree(dest)
-        convert_gguf(gguf, dest)
+        convert_gguf(gguf, dest, overwrite=True)
     return dest
