@@ -317,12 +317,113 @@ static inline void ada_load_dwords(const uint8_t *cp, const int *tt, int KB, int
 }
 #endif
 
+#if defined(ADA_SIMD) && defined(__AVX512F__)
+#define ADA_AVX512 1
+/* LUT lookup of 16 angle codes a < 2^BA (one in-register permute up to BA = 5, two + a blend for BA = 6) */
+ADA_INLINE __m512 ada_look16(const float *li, __m512i a, const int BA)
+{
+    if (BA <= 4) return _mm512_permutexvar_ps(a, _mm512_loadu_ps(li));
+    if (BA == 5) return _mm512_permutex2var_ps(_mm512_loadu_ps(li), a, _mm512_loadu_ps(li + 16));
+    if (BA == 6)
+        return _mm512_mask_blend_ps(_mm512_test_epi32_mask(a, _mm512_set1_epi32(32)),
+                                    _mm512_permutex2var_ps(_mm512_loadu_ps(li), a, _mm512_loadu_ps(li + 16)),
+                                    _mm512_permutex2var_ps(_mm512_loadu_ps(li + 32), a, _mm512_loadu_ps(li + 48)));
+    return _mm512_i32gather_ps(a, li, 4);
+}
+
+/* ada_scores_blk for 16 tokens (words[w] = word w of the 16 tokens) */
+ADA_INLINE void ada_scores_blk16(const ada_plan *pl, const __m512i *words, const float *lut, int lut_stride,
+                                 const float *rho0, const float *drho, const int GC, __m512 *out)
+{
+    __m512 acc0[8], acc1[8];
+    for (int g = 0; g < GC; g++) acc0[g] = acc1[g] = _mm512_setzero_ps();
+    for (int i = 0; i < pl->h2; i++) {
+        const int ba = pl->ba[i];
+        __m512i x = _mm512_srl_epi32(words[pl->word[i]], _mm_cvtsi32_si128(pl->sa[i]));
+        if (pl->nxt[i]) x = _mm512_or_si512(x, _mm512_sll_epi32(words[pl->word[i] + 1], _mm_cvtsi32_si128(32 - pl->sa[i])));
+        const __m512i a = _mm512_and_si512(x, _mm512_set1_epi32((1 << ba) - 1));
+        const __m512i r = _mm512_and_si512(_mm512_srl_epi32(x, _mm_cvtsi32_si128(ba)),
+                                           _mm512_set1_epi32((1 << pl->br[i]) - 1));
+        const __m512 rho = _mm512_fmadd_ps(_mm512_cvtepi32_ps(r), _mm512_set1_ps(drho[i]), _mm512_set1_ps(rho0[i]));
+        const float *li = lut + pl->off[i];
+        __m512 v[8];
+        switch (ba) {
+        case 0: case 1: case 2: case 3: case 4:
+            for (int g = 0; g < GC; g++) v[g] = ada_look16(li + g * lut_stride, a, 4);
+            break;
+        case 5:
+            for (int g = 0; g < GC; g++) v[g] = ada_look16(li + g * lut_stride, a, 5);
+            break;
+        case 6:
+            for (int g = 0; g < GC; g++) v[g] = ada_look16(li + g * lut_stride, a, 6);
+            break;
+        default:
+            for (int g = 0; g < GC; g++) v[g] = ada_look16(li + g * lut_stride, a, 12);
+        }
+        if (i & 1)
+            for (int g = 0; g < GC; g++) acc1[g] = _mm512_fmadd_ps(rho, v[g], acc1[g]);
+        else
+            for (int g = 0; g < GC; g++) acc0[g] = _mm512_fmadd_ps(rho, v[g], acc0[g]);
+    }
+    for (int g = 0; g < GC; g++) out[g] = _mm512_add_ps(acc0[g], acc1[g]);
+}
+
+/* logits of one page, 16 tokens per block; lanes past fill re-read token f - 1 and are not stored */
+static void ada_page_scores16(const ada_plan *pl, const uint8_t *cp, int KB, int f, const float *lut,
+                              int lut_stride, const float *rho0, const float *drho, int G, float scale,
+                              float (*s)[ADA_MAX_P])
+{
+    __m512i words[ADA_MAX_D / 2 + 8];
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int t = 0; t < f; t += 16) {
+        if (pl->dword_mode) {
+            __m256i lo[ADA_MAX_D / 2 + 8], hi[ADA_MAX_D / 2 + 8];
+            int ti[16];
+            for (int j = 0; j < 16; j++) ti[j] = t + j < f ? t + j : f - 1;
+            ada_load_dwords(cp, ti, KB, pl->n_words, lo);
+            ada_load_dwords(cp, ti + 8, KB, pl->n_words, hi);
+            for (int w = 0; w < pl->n_words; w++)
+                words[w] = _mm512_inserti64x4(_mm512_castsi256_si512(lo[w]), hi[w], 1);
+        } else {
+            const __m512i tt = _mm512_min_epi32(_mm512_add_epi32(_mm512_set1_epi32(t), lane), _mm512_set1_epi32(f - 1));
+            const __m512i rowoff = _mm512_mullo_epi32(tt, _mm512_set1_epi32(KB));
+            for (int w = 0; w < pl->n_words; w++)
+                words[w] = _mm512_i32gather_epi32(rowoff, (const int *)(cp + pl->word_byte[w]), 1);
+        }
+        const __mmask16 keep = f - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (f - t)) - 1u);
+        for (int g0 = 0; g0 < G; g0 += 8) {
+            const int gc = G - g0 < 8 ? G - g0 : 8;
+            const float *lg = lut + (int64_t)g0 * lut_stride;
+            __m512 o[8];
+            switch (gc) {
+            case 1: ada_scores_blk16(pl, words, lg, lut_stride, rho0, drho, 1, o); break;
+            case 2: ada_scores_blk16(pl, words, lg, lut_stride, rho0, drho, 2, o); break;
+            case 3: ada_scores_blk16(pl, words, lg, lut_stride, rho0, drho, 3, o); break;
+            case 4: ada_scores_blk16(pl, words, lg, lut_stride, rho0, drho, 4, o); break;
+            case 5: ada_scores_blk16(pl, words, lg, lut_stride, rho0, drho, 5, o); break;
+            case 6: ada_scores_blk16(pl, words, lg, lut_stride, rho0, drho, 6, o); break;
+            case 7: ada_scores_blk16(pl, words, lg, lut_stride, rho0, drho, 7, o); break;
+            default: ada_scores_blk16(pl, words, lg, lut_stride, rho0, drho, 8, o); break;
+            }
+            for (int g = 0; g < gc; g++) _mm512_mask_storeu_ps(s[g0 + g] + t, keep, _mm512_mul_ps(o[g], vs));
+        }
+    }
+}
+#endif
+
 /* logits s[g][t], t < f, of one ADA page */
 static void ada_page_scores(const ada_plan *pl, const uint8_t *cp, int KB, int f, const float *lut, int lut_stride,
                             const float *rho0, const float *drho, int G, float scale, float (*s)[ADA_MAX_P])
 {
     const int h2 = pl->h2;
     int t = 0;
+#ifdef ADA_AVX512
+    if (KB >= 4) {
+        ada_page_scores16(pl, cp, KB, f, lut, lut_stride, rho0, drho, G, scale, s);
+        return;
+    }
+#endif
 #ifdef ADA_SIMD
     if (KB >= 4) {
         __m256i words[ADA_MAX_D / 2 + 8];
@@ -422,10 +523,67 @@ ADA_INLINE void ada_values_run(const uint8_t *vc, const uint16_t *vmn, const uin
         for (int c = 0; c < CP; c++) _mm256_storeu_ps(acc[g] + d + 8 * c, a[g][c]);
 }
 
+#ifdef ADA_AVX512
+/* 16 value codes of dims d..d+15 of one row, as float32 (loads stay inside the row: d + 16 <= D) */
+ADA_INLINE __m512 ada_vcodes16(const uint8_t *row, int d, const int VB)
+{
+    if (VB == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + d))));
+    if (VB == 4) { /* 8 bytes = 16 nibbles, low nibble first */
+        const __m128i b = _mm_loadl_epi64((const __m128i *)(row + d / 2)), m = _mm_set1_epi8(15);
+        const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+        return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+    }
+    uint32_t x; /* VB == 2: 4 bytes = 16 two-bit codes */
+    memcpy(&x, row + d / 4, 4);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(
+        _mm512_srlv_epi32(_mm512_set1_epi32((int)x),
+                          _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)),
+        _mm512_set1_epi32(3)));
+}
+
+/* ada_values_run with 16-dim chunks: acc[g][d .. d + 16 CP) over one value group */
+ADA_INLINE void ada_values_run16(const uint8_t *vc, const uint16_t *vmn, const uint16_t *vsc, int row_bytes, int f,
+                                 int d, int vg, int ng, float (*p)[ADA_MAX_P], float (*acc)[ADA_MAX_D], const int VB,
+                                 const int GC, const int CP)
+{
+    __m512 a[8][4];
+    const int grp = d / vg;
+    for (int g = 0; g < GC; g++)
+        for (int c = 0; c < CP; c++) a[g][c] = _mm512_loadu_ps(acc[g] + d + 16 * c);
+    for (int t = 0; t < f; t++) {
+        const uint8_t *row = vc + (int64_t)t * row_bytes;
+        const __m512 sc = _mm512_set1_ps(_cvtsh_ss(vsc[t * ng + grp])), mn = _mm512_set1_ps(_cvtsh_ss(vmn[t * ng + grp]));
+        __m512 pg[8];
+        for (int g = 0; g < GC; g++) pg[g] = _mm512_set1_ps(p[g][t]);
+        for (int c = 0; c < CP; c++) {
+            const __m512 v = _mm512_fmadd_ps(ada_vcodes16(row, d + 16 * c, VB), sc, mn);
+            for (int g = 0; g < GC; g++) a[g][c] = _mm512_fmadd_ps(pg[g], v, a[g][c]);
+        }
+    }
+    for (int g = 0; g < GC; g++)
+        for (int c = 0; c < CP; c++) _mm512_storeu_ps(acc[g] + d + 16 * c, a[g][c]);
+}
+#endif
+
 ADA_INLINE void ada_values_gc(const uint8_t *vc, const uint16_t *vmn, const uint16_t *vsc, int row_bytes, int f,
                               int D, int vg, int ng, float (*p)[ADA_MAX_P], float (*acc)[ADA_MAX_D], const int VB,
                               const int GC)
 {
+#ifdef ADA_AVX512
+    /* 16-dim chunks; accumulators GC * CP <= 16 */
+    if (GC <= 4 && vg % 64 == 0) {
+        for (int d = 0; d < D; d += 64) ada_values_run16(vc, vmn, vsc, row_bytes, f, d, vg, ng, p, acc, VB, GC, 4);
+        return;
+    }
+    if (vg % 32 == 0) {
+        for (int d = 0; d < D; d += 32) ada_values_run16(vc, vmn, vsc, row_bytes, f, d, vg, ng, p, acc, VB, GC, 2);
+        return;
+    }
+    if (vg % 16 == 0) {
+        for (int d = 0; d < D; d += 16) ada_values_run16(vc, vmn, vsc, row_bytes, f, d, vg, ng, p, acc, VB, GC, 1);
+        return;
+    }
+#endif
     /* accumulators GC * CP <= 16; a run of CP chunks never straddles a value group */
     if (GC <= 4 && vg % 32 == 0)
         for (int d = 0; d < D; d += 32) ada_values_run(vc, vmn, vsc, row_bytes, f, d, vg, ng, p, acc, VB, GC, 4);
@@ -564,7 +722,18 @@ static void ada_softmax_page(int f, int G, int D, float (*s)[ADA_MAX_P], float *
 {
     for (int g = 0; g < G; g++) {
         float pm = -INFINITY;
-        for (int t = 0; t < f; t++) pm = s[g][t] > pm ? s[g][t] : pm;
+        int t0 = 0;
+#ifdef ADA_SIMD
+        if (f >= 8) {
+            __m256 mx = _mm256_loadu_ps(s[g]);
+            for (t0 = 8; t0 + 8 <= f; t0 += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s[g] + t0));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+            pm = _mm_cvtss_f32(m4);
+        }
+#endif
+        for (int t = t0; t < f; t++) pm = s[g][t] > pm ? s[g][t] : pm;
         const float m_new = pm > m[g] ? pm : m[g];
         const float corr = expf(m[g] - m_new);
         l[g] *= corr;
@@ -617,7 +786,7 @@ int skvrt_mixed_decode_##SUF(const float *q, const KV_T *k0, const KV_T *v0, con
         const float *qh = q + (int64_t)h * G * D;                                                            \
         for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; memset(acc[g], 0, sizeof(float) * D); }  \
         ada_make_plan(&pl, angle_bits + h * h2, radius_bits + h * h2, h2, KB);                               \
-        const int lut_stride = pl.E + 8;                                                                     \
+        const int lut_stride = pl.E + 16; /* 16-float loads past a pair's last entry stay inside */       \
         float *lut = NULL;                                                                                   \
         for (int pi = 0; pi < n_pages[h]; pi++) {                                                            \
             const int32_t pid = page_ids[(int64_t)h * max_pages + pi];                                       \
@@ -656,3 +825,68 @@ int skvrt_mixed_decode_##SUF(const float *q, const KV_T *k0, const KV_T *v0, con
 
 DEFINE_MIXED_DECODE(f16, uint16_t)
 DEFINE_MIXED_DECODE(f32, float)
+
+/* ---- ADA pages -> float32 keys and values (prefill chunks attend through one GEMM over these) -----------
+ * Twin: AdaTier.decode_keys / read_values (skvrt/kv/ada.py). For the listed pages of one (layer, kv head):
+ *   k_out, v_out (n, P, D) float32; slots at or past a page's fill are left untouched.
+ *   angle_bits, radius_bits (D/2,) uint8: this (layer, head)'s field widths. Other shapes as in the decode
+ *   kernel above. Each pair's cos / sin table (2^ba entries) is built once per page.
+ * rc -1 on bad shapes, -2 out of memory. */
+int skvrt_ada_decode_pages(const uint8_t *codes, const uint16_t *frame, const uint8_t *v_codes,
+                           const uint16_t *v_min, const uint16_t *v_scale, const int32_t *fill,
+                           const int32_t *pids, int n, const uint8_t *angle_bits, const uint8_t *radius_bits,
+                           int P, int D, int KB, int vb, int vg, float *k_out, float *v_out)
+{
+    if (D <= 0 || D % 2 || D > ADA_MAX_D || P <= 0 || KB <= 0) return -1;
+    if (!(vb == 2 || vb == 4 || vb == 8) || vg <= 0 || D % vg) return -1;
+    const int h2 = D / 2, ng = D / vg, vrow = D * vb / 8;
+    int32_t off[ADA_MAX_D / 2], bit[ADA_MAX_D / 2], E = 0, o = 0;
+    for (int i = 0; i < h2; i++) {
+        if (angle_bits[i] > ADA_MAX_W || radius_bits[i] > ADA_MAX_W) return -1;
+        off[i] = E;
+        bit[i] = o;
+        E += 1 << angle_bits[i];
+        o += angle_bits[i] + radius_bits[i];
+    }
+    if (o > 8 * KB) return -1;
+    int rc = 0;
+    _Pragma("omp parallel for schedule(dynamic, 4)")
+    for (int j = 0; j < n; j++) {
+        float *cs = (float *)malloc(sizeof(float) * 2 * (size_t)E); /* (cos, sin) of entry a of pair i */
+        if (!cs) { rc = -2; continue; }
+        const int64_t pid = pids[j];
+        const int f = fill[pid];
+        const uint16_t *fr = frame + pid * h2 * 4;
+        float rho0[ADA_MAX_D / 2], drho[ADA_MAX_D / 2];
+        for (int i = 0; i < h2; i++) {
+            const float th0 = ada_h2f(fr[4 * i]), gam = ada_h2f(fr[4 * i + 1]);
+            rho0[i] = ada_h2f(fr[4 * i + 2]);
+            drho[i] = ada_h2f(fr[4 * i + 3]);
+            for (int a = 0; a < 1 << angle_bits[i]; a++)
+                ada_sincos1(th0 + (float)a * gam, &cs[2 * (off[i] + a) + 1], &cs[2 * (off[i] + a)]);
+        }
+        const uint8_t *cp = codes + pid * P * KB;
+        const uint8_t *vc = v_codes + pid * P * vrow;
+        float *ko = k_out + (int64_t)j * P * D, *vo = v_out + (int64_t)j * P * D;
+        for (int t = 0; t < f; t++) {
+            const uint8_t *row = cp + (int64_t)t * KB;
+            float *kr = ko + (int64_t)t * D;
+            for (int i = 0; i < h2; i++) {
+                const int a = (int)ada_field(row, bit[i], angle_bits[i]);
+                const int r = (int)ada_field(row, bit[i] + angle_bits[i], radius_bits[i]);
+                const float rho = rho0[i] + (float)r * drho[i];
+                kr[i] = rho * cs[2 * (off[i] + a)];
+                kr[i + h2] = rho * cs[2 * (off[i] + a) + 1];
+            }
+            const uint8_t *vr = vc + (int64_t)t * vrow;
+            const int per = 8 / vb;
+            for (int d = 0; d < D; d++) {
+                const int64_t gi = (pid * P + t) * ng + d / vg;
+                const float c = (float)((vr[d / per] >> (vb * (d % per))) & ((1 << vb) - 1));
+                vo[(int64_t)t * D + d] = c * ada_h2f(v_scale[gi]) + ada_h2f(v_min[gi]);
+            }
+        }
+        free(cs);
+    }
+    return rc;
+}

@@ -2,6 +2,9 @@
 
 Compiled once per (sources, compiler flags, CPU) into <store>/build/, with `cc -O3 -march=native -fopenmp`.
 No compiler, a failed build, or SKVRT_NO_C=1 -> `lib()` returns None and callers use the NumPy twins.
+
+`variant_lib(name)` builds the same sources with narrower instruction sets (VARIANTS), so the tests run every
+code path of the kernels -- AVX-512, AVX2 and plain C -- on one machine against the same NumPy twins.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from importlib import resources
 from pathlib import Path
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+# extra flags per build variant; "native" is what the runtime loads
+VARIANTS = {
+    "native": [],
+    "avx2": ["-mno-avx512f"],  # the AVX2 + FMA + F16C paths
+    "scalar": ["-mno-avx", "-mno-avx2", "-mno-fma", "-mno-f16c", "-mno-avx512f"],  # the plain C paths
+}
 _lib: ctypes.CDLL | None | bool = False  # False = not tried yet
+_variants: dict[str, ctypes.CDLL] = {}
 build_error: str | None = None
 
 
@@ -46,18 +56,36 @@ def build_dir() -> Path:
     return store_root() / "build"
 
 
-def _compile(sources: list[Path], out: Path) -> None:
+def _compile(sources: list[Path], out: Path, extra: list[str] = ()) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc/gcc) found")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        r = subprocess.run([cc, *FLAGS, "-o", str(tmp_out), *map(str, sources), "-lm"],
+        r = subprocess.run([cc, *FLAGS, *extra, "-o", str(tmp_out), *map(str, sources), "-lm"],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"C kernel build failed:\n{r.stderr.strip()}")
         os.replace(tmp_out, out)  # atomic: concurrent first uses never see a half-written library
+
+
+def _load(extra: list[str]) -> ctypes.CDLL:
+    """Build (once) and load the kernels with FLAGS + extra; raises RuntimeError / OSError."""
+    sources = _sources()
+    h = hashlib.sha256(" ".join(FLAGS + list(extra)).encode() + _cpu_key().encode())
+    for s in sources + _headers():
+        h.update(s.read_bytes())
+    out = build_dir() / f"skvrt_kernels_{h.hexdigest()[:16]}.so"
+    if not out.is_file():
+        _compile(sources, out, extra)
+    L = ctypes.CDLL(str(out))
+    _declare(L)
+    from . import threads
+
+    if threads.current:
+        L.skvrt_set_threads(threads.current)
+    return L
 
 
 def lib() -> ctypes.CDLL | None:
@@ -70,24 +98,24 @@ def lib() -> ctypes.CDLL | None:
         build_error = "disabled by SKVRT_NO_C"
         return None
     try:
-        sources = _sources()
-        h = hashlib.sha256(" ".join(FLAGS).encode() + _cpu_key().encode())
-        for s in sources + _headers():
-            h.update(s.read_bytes())
-        out = build_dir() / f"skvrt_kernels_{h.hexdigest()[:16]}.so"
-        if not out.is_file():
-            _compile(sources, out)
-        _lib = ctypes.CDLL(str(out))
-        _declare(_lib)
-        from . import threads
-
-        if threads.current:
-            _lib.skvrt_set_threads(threads.current)
+        _lib = _load(VARIANTS["native"])
     except (RuntimeError, OSError) as e:
         build_error = str(e)
         print(f"skvrt: C kernels unavailable, using NumPy ({build_error.splitlines()[0]})", file=sys.stderr)
         _lib = None
     return _lib
+
+
+def variant_lib(name: str) -> ctypes.CDLL:
+    """The kernels built for VARIANTS[name] (tests); raises RuntimeError / OSError when they cannot be built."""
+    if name == "native":
+        L = lib()
+        if L is None:
+            raise RuntimeError(build_error or "C kernels unavailable")
+        return L
+    if name not in _variants:
+        _variants[name] = _load(VARIANTS[name])
+    return _variants[name]
 
 
 def _declare(L: ctypes.CDLL) -> None:
@@ -103,20 +131,24 @@ def _declare(L: ctypes.CDLL) -> None:
         fn = getattr(L, name)
         fn.argtypes = [P] * 15 + [i] * 8 + [f, P]
         fn.restype = ctypes.c_int
+    L.skvrt_ada_decode_pages.argtypes = [P] * 7 + [i] + [P] * 2 + [i] * 5 + [P] * 2
+    L.skvrt_ada_decode_pages.restype = ctypes.c_int
 
 
 def set_threads(n: int) -> None:
-    if _lib:  # not loaded yet: lib() applies threads.current when it loads
-        _lib.skvrt_set_threads(n)
+    for L in [_lib, *_variants.values()]:
+        if L:  # not loaded yet: _load applies threads.current when it loads
+            L.skvrt_set_threads(n)
 
 
 def ptr(a) -> int:
     return a.ctypes.data
 
 
-def dense_decode(q, pool, page_ids, n_pages, scale: float, out, mass=None) -> None:
-    """C twin of attention.attend_dense for one decode step. Shapes: see kernels_c/attention_dense.c."""
-    L = lib()
+def dense_decode(q, pool, page_ids, n_pages, scale: float, out, mass=None, L=None) -> None:
+    """C twin of attention.attend_dense for one decode step. Shapes: see kernels_c/attention_dense.c.
+    L: a library from variant_lib (tests); default lib()."""
+    L = L or lib()
     H, max_pages = page_ids.shape
     nq, D = q.shape
     assert q.dtype == "float32" and q.flags.c_contiguous and out.flags.c_contiguous
@@ -129,14 +161,14 @@ def dense_decode(q, pool, page_ids, n_pages, scale: float, out, mass=None) -> No
 
 
 def mixed_decode(q, dense_pool, ada_pool, page_ids, page_tiers, n_pages, angle_bits, radius_bits, scale: float,
-                 out) -> None:
+                 out, L=None) -> None:
     """One decode step of one layer over dense (tier 0) and ADA (tier 1) pages: C twin of cache._scores +
     softmax_attend. q, out (nq, D) float32; page_ids (H, max_pages) int32, page_tiers (H, max_pages) int8,
     n_pages (H,) int32 (this layer's table rows); angle_bits, radius_bits (H, D/2) uint8 =
     ada.split_bits(tier.pair_bits[layer]). Shapes: see kernels_c/attention_ada.c."""
     import numpy as np
 
-    L = lib()
+    L = L or lib()
     H, max_pages = page_ids.shape
     nq, D = q.shape
     P = dense_pool.page_size
@@ -171,3 +203,27 @@ def mixed_decode(q, dense_pool, ada_pool, page_ids, page_tiers, n_pages, angle_b
     if rc != 0:
         raise ValueError(f"mixed_decode rejected its inputs (rc {rc}): nq={nq} H={H} P={P} D={D} "
                          f"key bytes={KB} v_bits={vb} v_group={vg}")
+
+
+def ada_decode_pages(ada_pool, pids, angle_bits, radius_bits, L=None):
+    """C twin of AdaTier.decode_keys + read_values for pages `pids` of one (layer, kv head):
+    -> keys, values (n, P, D) float32 (slots past a page's fill: unspecified). angle_bits, radius_bits (D/2,)
+    uint8 = ada.split_bits(tier.pair_bits[layer, head]). Shapes: see kernels_c/attention_ada.c."""
+    import numpy as np
+
+    L = L or lib()
+    tier, d = ada_pool.tier, ada_pool.data
+    P, D = ada_pool.page_size, ada_pool.head_dim
+    pids = np.ascontiguousarray(pids, np.int32)
+    ab, rb = (np.ascontiguousarray(b, np.uint8) for b in (angle_bits, radius_bits))
+    assert ab.shape == rb.shape == (D // 2,)
+    for name in ("codes", "frame", "v_codes", "v_min", "v_scale"):
+        assert d[name].flags.c_contiguous, name
+    k = np.empty((len(pids), P, D), np.float32)
+    v = np.empty((len(pids), P, D), np.float32)
+    rc = L.skvrt_ada_decode_pages(ptr(d["codes"]), ptr(d["frame"]), ptr(d["v_codes"]), ptr(d["v_min"]),
+                                  ptr(d["v_scale"]), ptr(ada_pool.fill), ptr(pids), len(pids), ptr(ab), ptr(rb),
+                                  P, D, tier.key_bits // 8, tier.v_bits, tier.v_group, ptr(k), ptr(v))
+    if rc != 0:
+        raise ValueError(f"ada_decode_pages rejected its inputs (rc {rc}): P={P} D={D} key bits={tier.key_bits}")
+    return k, v

@@ -27,6 +27,15 @@ from skvrt.kv.cache import PagedKVCache
 pytestmark = pytest.mark.skipif(ckernels.lib() is None, reason=f"C kernels unavailable: {ckernels.build_error}")
 
 ATOL = RTOL = 1e-4
+ISAS = list(ckernels.VARIANTS)  # every code path of the kernel: AVX-512 (where the CPU has it), AVX2, plain C
+
+
+@pytest.fixture(params=ISAS)
+def klib(request):
+    try:
+        return ckernels.variant_lib(request.param)
+    except (RuntimeError, OSError) as e:
+        pytest.skip(f"kernel variant {request.param} cannot be built here: {e}")
 
 
 def random_keys(rng, n, D):
@@ -36,12 +45,12 @@ def random_keys(rng, n, D):
     return np.concatenate([rad * np.cos(ang), rad * np.sin(ang)], axis=1).astype(np.float32)
 
 
-def build_cache(rng, L, H, D, P, T, tier, vb, dtype, sinks=4, window=24, chunk=37, skew=False):
+def build_cache(rng, L, H, D, P, T, tier, vb, dtype, sinks=4, window=24, chunk=37, skew=False, v_group=32):
     """skew: calibration statistics spread over decades, so the allocation gives some pairs 0 bits and others
     up to 12 (angle fields of 5-6 bits take the kernel's wide-LUT lookups)."""
     stat = (lambda: rng.lognormal(0, 2.5, (L, H, D))) if skew else (lambda: rng.uniform(0.1, 2, (L, H, D)))
     cal = Calibration(stat().astype(np.float32), stat().astype(np.float32), {})
-    pol = make_policy("ada", sinks=sinks, window=window, tier=tier, v_bits=vb, calibration=cal)
+    pol = make_policy("ada", sinks=sinks, window=window, tier=tier, v_bits=vb, v_group=v_group, calibration=cal)
     cache = PagedKVCache(L, H, D, n_ctx=T + 8, kv_dtype=dtype, page_size=P, policy=pol)
     kv = [(np.stack([random_keys(rng, T, D) for _ in range(H)]), rng.normal(size=(H, T, D)).astype(np.float32))
           for _ in range(L)]
@@ -84,22 +93,22 @@ def twin(cache, layer, q):
     return out
 
 
-def kernel(cache, layer, q):
+def kernel(cache, layer, q, L=None):
     tier = cache.pools[1].tier
     ba, br = split_bits(tier.pair_bits[layer])
     out = np.full_like(q, np.nan)
     t = cache.table
     ckernels.mixed_decode(q, cache.pools[0], cache.pools[1], t.page_ids[layer], t.page_tiers[layer],
                           t.n_pages[layer], np.ascontiguousarray(ba, np.uint8), np.ascontiguousarray(br, np.uint8),
-                          cache.scale, out)
+                          cache.scale, out, L=L)
     return out
 
 
-def check(cache, rng, G):
+def check(cache, rng, G, L=None):
     H, D = cache.n_kv_heads, cache.head_dim
     for layer in range(cache.n_layers):
         q = rng.normal(0, 1, (H * G, D)).astype(np.float32)
-        got = kernel(cache, layer, q)
+        got = kernel(cache, layer, q, L)
         assert np.isfinite(got).all(), "the kernel read a NaN-poisoned slot"
         np.testing.assert_allclose(got, twin(cache, layer, q), atol=ATOL, rtol=RTOL)
 
@@ -119,32 +128,34 @@ CASES = [  # H, G, D, P, T, key bits, v bits, dense dtype
 
 
 @pytest.mark.parametrize("H,G,D,P,T,key_bits,vb,dtype", CASES)
-def test_mixed_decode_matches_numpy_twin(H, G, D, P, T, key_bits, vb, dtype):
+def test_mixed_decode_matches_numpy_twin(H, G, D, P, T, key_bits, vb, dtype, klib):
     rng = np.random.default_rng(H * 1000 + G * 100 + D + P + T + key_bits + vb)
     cache = build_cache(rng, 2, H, D, P, T, key_bits, vb, dtype)
     assert T % P and (cache.table.page_tiers == 1).any() and (cache.table.page_tiers == 0).any()
     scramble(rng, cache)
-    check(cache, rng, G)
+    check(cache, rng, G, klib)
 
 
 @pytest.mark.parametrize("key_bits", [64, 128, 192, 256])
 @pytest.mark.parametrize("vb", [2, 4, 8])
-def test_mixed_decode_tiers_and_value_bits(key_bits, vb):
-    rng = np.random.default_rng(key_bits * 10 + vb)
-    cache = build_cache(rng, 1, 2, 64, 16, 117, key_bits, vb, "float16", window=16)
+@pytest.mark.parametrize("vg", [8, 16, 32, 64])  # value groups: the 8- / 16-dim chunk runs of each ISA path
+def test_mixed_decode_tiers_and_value_bits(key_bits, vb, vg, klib):
+    rng = np.random.default_rng(key_bits * 10 + vb + vg)
+    cache = build_cache(rng, 1, 2, 64, 16, 117, key_bits, vb, "float16", window=16, v_group=vg)
+    assert cache.pools[1].tier.v_group == vg
     scramble(rng, cache)
-    check(cache, rng, G=3)
+    check(cache, rng, G=3, L=klib)
 
 
 @pytest.mark.parametrize("key_bits", [40, 72, 128, 192, 256])  # 40, 72: rows of 5 / 9 bytes (no dword reads)
 @pytest.mark.parametrize("D", [64, 128])
-def test_mixed_decode_skewed_allocation(key_bits, D):
+def test_mixed_decode_skewed_allocation(key_bits, D, klib):
     rng = np.random.default_rng(key_bits + D)
     cache = build_cache(rng, 1, 2, D, 16, 150, key_bits, 4, "float16", window=16, skew=True)
     ba, br = split_bits(cache.pools[1].tier.pair_bits)
     assert (ba == 0).any() if key_bits <= 128 else ba.max() >= 6
     scramble(rng, cache)
-    check(cache, rng, G=4)
+    check(cache, rng, G=4, L=klib)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -165,7 +176,7 @@ def test_head_without_ada_pages_and_head_with_only_ada_pages(dtype):
     check(cache, rng, G=3)
 
 
-def test_never_reads_past_fill():
+def test_never_reads_past_fill(klib):
     """Partly filled pages of both tiers (fills not multiples of the 8-token SIMD block) with every float slot
     past fill NaN and the integer codes past fill random garbage."""
     rng = np.random.default_rng(11)
@@ -183,7 +194,7 @@ def test_never_reads_past_fill():
     scramble(rng, cache, compact=False)
     fills = ada.fill[[p for p in range(ada.n_pages) if ada.in_use(p)]]
     assert (fills % 8 != 0).any()
-    check(cache, rng, G=8)
+    check(cache, rng, G=8, L=klib)
 
 
 def test_empty_table_gives_zeros_and_limits_raise():
@@ -205,3 +216,22 @@ def test_empty_table_gives_zeros_and_limits_raise():
     q17 = rng.normal(size=(34, 64)).astype(np.float32)  # G = 17
     with pytest.raises(ValueError):
         ckernels.mixed_decode(q17, *args, ba, br, cache.scale, np.empty_like(q17))
+
+
+@pytest.mark.parametrize("key_bits,D,skew", [(192, 64, False), (128, 128, False), (72, 64, True), (256, 64, True)])
+def test_ada_decode_pages_matches_numpy_twin(key_bits, D, skew, klib):
+    """The prefill path's transient keys / values (C) equal AdaTier.decode_keys / read_values on every valid
+    slot. Keys: the twin evaluates angles in float64, the kernel in float32 (|angle| <~ 10: ~1e-6 absolute)."""
+    rng = np.random.default_rng(key_bits + D)
+    cache = build_cache(rng, 1, 2, D, 16, 150, key_bits, 4, "float16", window=16, skew=skew)
+    scramble(rng, cache)
+    ada = cache.pools[1]
+    ba, br = split_bits(ada.tier.pair_bits)
+    for h in range(2):
+        ids, tiers = cache.table.pages(0, h)
+        pids = ids[tiers == 1]
+        assert len(pids)
+        k, v = ckernels.ada_decode_pages(ada, pids, ba[0, h], br[0, h], L=klib)
+        valid = np.arange(ada.page_size)[None, :] < ada.fill[pids][:, None]
+        np.testing.assert_allclose(k[valid], ada.tier.decode_keys(ada.data, pids, (0, h))[valid], atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(v[valid], ada.tier.read_values(ada.data, pids)[valid], atol=1e-6, rtol=1e-6)

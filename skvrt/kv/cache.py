@@ -201,9 +201,12 @@ class PagedKVCache:
             elif hasattr(pool.tier, "scores"):
                 # prefill chunk: the same logits as a GEMM over keys decoded transiently for this (layer, head)
                 # (a (chunk x N) LUT gather costs ~50x more in NumPy; decode steps never take this path)
-                k = pool.tier.decode_keys(pool.data, pids, (layer, h))[valid]
-                parts.append((_logits(q, k) * np.float32(self.scale),
-                              pool.tier.read_values(pool.data, pids)[valid], pos))
+                if self.use_c and self._ada_bits is not None:
+                    ba, br = self._ada_bits
+                    k, v = ckernels.ada_decode_pages(pool, pids, ba[layer, h], br[layer, h])
+                else:
+                    k, v = pool.tier.decode_keys(pool.data, pids, (layer, h)), pool.tier.read_values(pool.data, pids)
+                parts.append((_logits(q, k[valid]) * np.float32(self.scale), v[valid], pos))
             else:
                 k, v = pool.tier.read(pool.data, pids)
                 parts.append((_logits(q, k[valid]) * np.float32(self.scale), v[valid], pos))
