@@ -757,83 +757,160 @@ static void ada_softmax_page(int f, int G, int D, float (*s)[ADA_MAX_P], float *
     }
 }
 
-#define DEFINE_MIXED_DECODE(SUF, KV_T)                                                                      \
-int skvrt_mixed_decode_##SUF(const float *q, const KV_T *k0, const KV_T *v0, const int32_t *fill0,          \
-                             const uint8_t *codes, const uint16_t *frame, const uint8_t *v_codes,            \
-                             const uint16_t *v_min, const uint16_t *v_scale, const int32_t *fill1,           \
-                             const int32_t *page_ids, const int8_t *page_tiers, const int32_t *n_pages,      \
-                             const uint8_t *angle_bits, const uint8_t *radius_bits, int nq, int H, int P,    \
-                             int D, int max_pages, int KB, int vb, int vg, float scale, float *out)          \
-{                                                                                                            \
-    if (D > ADA_MAX_D || D % 8 || D <= 0 || P > ADA_MAX_P || H <= 0 || nq % H || nq / H > ADA_MAX_G) return -1; \
-    if (!(vb == 2 || vb == 4 || vb == 8) || vg <= 0 || vg % 8 || D % vg || KB <= 0) return -1;              \
-    const int G = nq / H, h2 = D / 2;                                                                        \
-    for (int h = 0; h < H; h++) {                                                                            \
-        int bits = 0;                                                                                        \
-        for (int i = 0; i < h2; i++) {                                                                       \
-            const int a = angle_bits[h * h2 + i], r = radius_bits[h * h2 + i];                               \
-            if (a > ADA_MAX_W || r > ADA_MAX_W) return -1;                                                   \
-            bits += a + r;                                                                                   \
-        }                                                                                                    \
-        if (bits > 8 * KB) return -1;                                                                        \
-    }                                                                                                        \
-    int rc = 0;                                                                                              \
-    _Pragma("omp parallel for schedule(dynamic, 1)")                                                         \
-    for (int h = 0; h < H; h++) {                                                                            \
-        float acc[ADA_MAX_G][ADA_MAX_D], s[ADA_MAX_G][ADA_MAX_P], m[ADA_MAX_G], l[ADA_MAX_G];                \
-        float rho0[ADA_MAX_D / 2], drho[ADA_MAX_D / 2];                                                      \
-        ada_plan pl;                                                                                         \
-        const float *qh = q + (int64_t)h * G * D;                                                            \
-        for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; memset(acc[g], 0, sizeof(float) * D); }  \
-        ada_make_plan(&pl, angle_bits + h * h2, radius_bits + h * h2, h2, KB);                               \
-        const int lut_stride = pl.E + 16; /* 16-float loads past a pair's last entry stay inside */       \
-        float *lut = NULL;                                                                                   \
-        for (int pi = 0; pi < n_pages[h]; pi++) {                                                            \
-            const int32_t pid = page_ids[(int64_t)h * max_pages + pi];                                       \
-            const int tier = page_tiers[(int64_t)h * max_pages + pi];                                        \
-            if (tier == 0) {                                                                                 \
-                const int f = fill0[pid];                                                                    \
-                if (f <= 0) continue;                                                                        \
-                ada_dense_scores_##SUF(k0 + (int64_t)pid * P * D, f, D, qh, G, scale, s);                    \
-                ada_softmax_page(f, G, D, s, m, l, acc);                                                     \
-                ada_dense_values_##SUF(v0 + (int64_t)pid * P * D, f, D, G, s, acc);                          \
-            } else {                                                                                         \
-                const int f = fill1[pid];                                                                    \
-                if (f <= 0) continue;                                                                        \
-                if (!lut) {                                                                                  \
-                    lut = (float *)malloc(sizeof(float) * (size_t)lut_stride * G);                           \
-                    if (!lut) { rc = -2; break; }                                                            \
-                }                                                                                            \
-                ada_build_lut(&pl, frame + (int64_t)pid * h2 * 4, qh, G, D, lut, lut_stride, rho0, drho);    \
-                ada_page_scores(&pl, codes + (int64_t)pid * P * KB, KB, f, lut, lut_stride, rho0, drho, G,   \
-                                scale, s);                                                                   \
-                ada_softmax_page(f, G, D, s, m, l, acc);                                                     \
-                const int ng = D / vg;                                                                       \
-                ada_page_values(v_codes + (int64_t)pid * P * (D * vb / 8), v_min + (int64_t)pid * P * ng,    \
-                                v_scale + (int64_t)pid * P * ng, f, D, vb, vg, G, s, acc);                   \
-            }                                                                                                \
-        }                                                                                                    \
-        free(lut);                                                                                           \
-        for (int g = 0; g < G; g++) {                                                                        \
-            float *o = out + ((int64_t)h * G + g) * D;                                                       \
-            const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;                                                 \
-            for (int d = 0; d < D; d++) o[d] = acc[g][d] * inv;                                              \
-        }                                                                                                    \
-    }                                                                                                        \
-    return rc;                                                                                               \
-}
+/* ---- one decode step over the pages of any tiers ----------------------------------------------------
+ * A tier descriptor per pool (skvrt/ckernels.py `tier_desc` fills it): every field of a pool's pages lives at
+ * `field + pid * stride` bytes (pages of all tiers are frames of one arena, skvrt/kv/pool.py). */
+typedef struct {
+    int32_t kind;                      /* 0 dense float16, 1 dense float32, 2 ADA */
+    int32_t P;                         /* tokens per page, <= ADA_MAX_P */
+    int64_t stride;                    /* bytes from page p to page p + 1, in every field below */
+    const void *k, *v;                 /* dense: (P, D) KV_T per page */
+    const uint8_t *codes;              /* ADA: (P, KB) uint8 */
+    const uint16_t *frame;             /* ADA: (D/2, 4) float16 */
+    const uint8_t *v_codes;            /* ADA: (P, D * vb / 8) uint8 */
+    const uint16_t *v_min, *v_scale;   /* ADA: (P, D / vg) float16 */
+    float *mass;                       /* (P,) float32 per page or NULL: += softmax weight summed over G heads */
+    int32_t KB, vb, vg, pad;           /* ADA: key bytes per token, value bits, value group */
+    const uint8_t *angle_bits;         /* ADA: (H, D/2) this layer's field widths */
+    const uint8_t *radius_bits;        /* ADA: (H, D/2) */
+} skvrt_tier;
 
-DEFINE_MIXED_DECODE(f16, uint16_t)
-DEFINE_MIXED_DECODE(f32, float)
+#define ADA_MAX_TIERS 8
+#define PAGE_AT(T, F, PID, TYPE) ((TYPE)((const char *)(T)->F + (int64_t)(PID) * (T)->stride))
+
+/* Shapes (page-table contract: skvrt/kv/pages.py):
+ *   q (nq, D) float32; fill (N,) int32 (the arena's); page_ids (H, max_pages) int32; page_tiers (H, max_pages)
+ *   int8 = index into tiers; n_pages (H,) int32; out (nq, D) float32.
+ * Returns 0, -1 on bad shapes / descriptors, -2 out of memory. */
+int skvrt_paged_decode(const float *q, const skvrt_tier *tiers, int n_tiers, const int32_t *fill,
+                       const int32_t *page_ids, const int8_t *page_tiers, const int32_t *n_pages, int nq, int H,
+                       int D, int max_pages, float scale, float *out)
+{
+    if (D > ADA_MAX_D || D % 8 || D <= 0 || H <= 0 || nq % H || nq / H > ADA_MAX_G) return -1;
+    if (n_tiers <= 0 || n_tiers > ADA_MAX_TIERS) return -1;
+    const int G = nq / H, h2 = D / 2;
+    int any_mass = 0;
+    for (int ti = 0; ti < n_tiers; ti++) {
+        const skvrt_tier *T = &tiers[ti];
+        if (T->P <= 0 || T->P > ADA_MAX_P || T->kind < 0 || T->kind > 2) return -1;
+        any_mass |= T->mass != NULL;
+        if (T->kind != 2) continue;
+        if (!(T->vb == 2 || T->vb == 4 || T->vb == 8) || T->vg <= 0 || T->vg % 8 || D % T->vg || T->KB <= 0)
+            return -1;
+        for (int h = 0; h < H; h++) {
+            int bits = 0;
+            for (int i = 0; i < h2; i++) {
+                const int a = T->angle_bits[h * h2 + i], r = T->radius_bits[h * h2 + i];
+                if (a > ADA_MAX_W || r > ADA_MAX_W) return -1;
+                bits += a + r;
+            }
+            if (bits > 8 * T->KB) return -1;
+        }
+    }
+    int rc = 0;
+    _Pragma("omp parallel for schedule(dynamic, 1)")
+    for (int h = 0; h < H; h++) {
+        float acc[ADA_MAX_G][ADA_MAX_D], s[ADA_MAX_G][ADA_MAX_P], m[ADA_MAX_G], l[ADA_MAX_G];
+        float rho0[ADA_MAX_D / 2], drho[ADA_MAX_D / 2];
+        ada_plan plans[ADA_MAX_TIERS];
+        float *luts[ADA_MAX_TIERS] = {0};
+        int lut_stride[ADA_MAX_TIERS];
+        const float *qh = q + (int64_t)h * G * D;
+        const int32_t *ids = page_ids + (int64_t)h * max_pages;
+        const int8_t *tis = page_tiers + (int64_t)h * max_pages;
+        /* attention mass: unnormalised weights of every slot, and each page's running max, kept until the
+         * final (max, sum) are known */
+        float *w = NULL, *wm = NULL;
+        int n_tok = 0;
+        for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; memset(acc[g], 0, sizeof(float) * D); }
+        for (int ti = 0; ti < n_tiers; ti++)
+            if (tiers[ti].kind == 2) {
+                ada_make_plan(&plans[ti], tiers[ti].angle_bits + h * h2, tiers[ti].radius_bits + h * h2, h2,
+                              tiers[ti].KB);
+                lut_stride[ti] = plans[ti].E + 16; /* 16-float loads past a pair's last entry stay inside */
+            }
+        if (any_mass) {
+            for (int pi = 0; pi < n_pages[h]; pi++) n_tok += fill[ids[pi]];
+            w = (float *)malloc(sizeof(float) * ((size_t)n_tok * G + (size_t)n_pages[h] * G + 1));
+            if (!w) { rc = -2; continue; }
+            wm = w + (size_t)n_tok * G;
+        }
+        int tok = 0;
+        for (int pi = 0; pi < n_pages[h]; pi++) {
+            const int32_t pid = ids[pi];
+            const int ti = tis[pi];
+            const int f = fill[pid];
+            if (ti < 0 || ti >= n_tiers) { rc = -1; break; }
+            const skvrt_tier *T = &tiers[ti];
+            if (f <= 0) continue;
+            if (T->kind == 0 || T->kind == 1) {
+                if (T->kind == 0) ada_dense_scores_f16(PAGE_AT(T, k, pid, const uint16_t *), f, D, qh, G, scale, s);
+                else ada_dense_scores_f32(PAGE_AT(T, k, pid, const float *), f, D, qh, G, scale, s);
+                ada_softmax_page(f, G, D, s, m, l, acc);
+                if (T->kind == 0) ada_dense_values_f16(PAGE_AT(T, v, pid, const uint16_t *), f, D, G, s, acc);
+                else ada_dense_values_f32(PAGE_AT(T, v, pid, const float *), f, D, G, s, acc);
+            } else {
+                if (!luts[ti]) {
+                    luts[ti] = (float *)malloc(sizeof(float) * (size_t)lut_stride[ti] * G);
+                    if (!luts[ti]) { rc = -2; break; }
+                }
+                ada_build_lut(&plans[ti], PAGE_AT(T, frame, pid, const uint16_t *), qh, G, D, luts[ti],
+                              lut_stride[ti], rho0, drho);
+                ada_page_scores(&plans[ti], PAGE_AT(T, codes, pid, const uint8_t *), T->KB, f, luts[ti],
+                                lut_stride[ti], rho0, drho, G, scale, s);
+                ada_softmax_page(f, G, D, s, m, l, acc);
+                ada_page_values(PAGE_AT(T, v_codes, pid, const uint8_t *), PAGE_AT(T, v_min, pid, const uint16_t *),
+                                PAGE_AT(T, v_scale, pid, const uint16_t *), f, D, T->vb, T->vg, G, s, acc);
+            }
+            if (w) {
+                for (int g = 0; g < G; g++) {
+                    memcpy(w + (size_t)g * n_tok + tok, s[g], sizeof(float) * f);
+                    wm[(size_t)pi * G + g] = m[g];
+                }
+                tok += f;
+            }
+        }
+        for (int ti = 0; ti < n_tiers; ti++) free(luts[ti]);
+        float inv[ADA_MAX_G];
+        for (int g = 0; g < G; g++) {
+            float *o = out + ((int64_t)h * G + g) * D;
+            inv[g] = l[g] > 0.f ? 1.f / l[g] : 0.f;
+            for (int d = 0; d < D; d++) o[d] = acc[g][d] * inv[g];
+        }
+        if (w) { /* mass[slot] += sum_g w * exp(m_page - m) / l */
+            tok = 0;
+            for (int pi = 0; pi < n_pages[h] && rc == 0; pi++) {
+                const int32_t pid = ids[pi];
+                const skvrt_tier *T = &tiers[tis[pi]];
+                const int f = fill[pid];
+                if (f <= 0) continue;
+                float c[ADA_MAX_G];
+                for (int g = 0; g < G; g++) c[g] = expf(wm[(size_t)pi * G + g] - m[g]) * inv[g];
+                if (T->mass) {
+                    float *ms = (float *)((char *)T->mass + (int64_t)pid * T->stride);
+                    for (int t = 0; t < f; t++) {
+                        float x = 0.f;
+                        for (int g = 0; g < G; g++) x += w[(size_t)g * n_tok + tok + t] * c[g];
+                        ms[t] += x;
+                    }
+                }
+                tok += f;
+            }
+            free(w);
+        }
+    }
+    return rc;
+}
 
 /* ---- ADA pages -> float32 keys and values (prefill chunks attend through one GEMM over these) -----------
  * Twin: AdaTier.decode_keys / read_values (skvrt/kv/ada.py). For the listed pages of one (layer, kv head):
- *   k_out, v_out (n, P, D) float32; slots at or past a page's fill are left untouched.
+ *   k_out, v_out (n, P, D) float32; slots at or past a page's fill are left untouched. Page pid's fields
+ *   start `pid * stride` bytes past the field pointers (pages are arena frames).
  *   angle_bits, radius_bits (D/2,) uint8: this (layer, head)'s field widths. Other shapes as in the decode
  *   kernel above. Each pair's cos / sin table (2^ba entries) is built once per page.
  * rc -1 on bad shapes, -2 out of memory. */
 int skvrt_ada_decode_pages(const uint8_t *codes, const uint16_t *frame, const uint8_t *v_codes,
-                           const uint16_t *v_min, const uint16_t *v_scale, const int32_t *fill,
+                           const uint16_t *v_min, const uint16_t *v_scale, int64_t stride, const int32_t *fill,
                            const int32_t *pids, int n, const uint8_t *angle_bits, const uint8_t *radius_bits,
                            int P, int D, int KB, int vb, int vg, float *k_out, float *v_out)
 {
@@ -856,7 +933,7 @@ int skvrt_ada_decode_pages(const uint8_t *codes, const uint16_t *frame, const ui
         if (!cs) { rc = -2; continue; }
         const int64_t pid = pids[j];
         const int f = fill[pid];
-        const uint16_t *fr = frame + pid * h2 * 4;
+        const uint16_t *fr = (const uint16_t *)((const char *)frame + pid * stride);
         float rho0[ADA_MAX_D / 2], drho[ADA_MAX_D / 2];
         for (int i = 0; i < h2; i++) {
             const float th0 = ada_h2f(fr[4 * i]), gam = ada_h2f(fr[4 * i + 1]);
@@ -865,8 +942,10 @@ int skvrt_ada_decode_pages(const uint8_t *codes, const uint16_t *frame, const ui
             for (int a = 0; a < 1 << angle_bits[i]; a++)
                 ada_sincos1(th0 + (float)a * gam, &cs[2 * (off[i] + a) + 1], &cs[2 * (off[i] + a)]);
         }
-        const uint8_t *cp = codes + pid * P * KB;
-        const uint8_t *vc = v_codes + pid * P * vrow;
+        const uint8_t *cp = codes + pid * stride;
+        const uint8_t *vc = v_codes + pid * stride;
+        const uint16_t *vmn = (const uint16_t *)((const char *)v_min + pid * stride);
+        const uint16_t *vsc = (const uint16_t *)((const char *)v_scale + pid * stride);
         float *ko = k_out + (int64_t)j * P * D, *vo = v_out + (int64_t)j * P * D;
         for (int t = 0; t < f; t++) {
             const uint8_t *row = cp + (int64_t)t * KB;
@@ -881,9 +960,9 @@ int skvrt_ada_decode_pages(const uint8_t *codes, const uint16_t *frame, const ui
             const uint8_t *vr = vc + (int64_t)t * vrow;
             const int per = 8 / vb;
             for (int d = 0; d < D; d++) {
-                const int64_t gi = (pid * P + t) * ng + d / vg;
+                const int64_t gi = (int64_t)t * ng + d / vg;
                 const float c = (float)((vr[d / per] >> (vb * (d % per))) & ((1 << vb) - 1));
-                vo[(int64_t)t * D + d] = c * ada_h2f(v_scale[gi]) + ada_h2f(v_min[gi]);
+                vo[(int64_t)t * D + d] = c * ada_h2f(vsc[gi]) + ada_h2f(vmn[gi]);
             }
         }
         free(cs);

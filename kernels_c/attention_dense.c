@@ -7,13 +7,14 @@
  *
  * Shapes (page-table contract: skvrt/kv/pages.py):
  *   q          (nq, D)          float32   post-RoPE queries; query head j reads KV head j / G
- *   k_pool     (N, P, D)        KV_T      dense-tier page storage (float16 bits or float32)
- *   v_pool     (N, P, D)        KV_T
+ *   k_pool     (N, P, D)        KV_T      dense-tier page storage (float16 bits or float32); page pid's rows
+ *   v_pool     (N, P, D)        KV_T      start pid * stride bytes past k_pool / v_pool (arena frames)
  *   fill       (N,)             int32     valid slots per page
  *   page_ids   (H, max_pages)   int32     this layer's page ids per KV head (dense pages only)
  *   n_pages    (H,)             int32
  *   out        (nq, D)          float32
- *   mass       (nq, H*max_pages*P) float32 or NULL: softmax weight of every slot (for RDR utility)
+ *   mass       (N, P)           float32   or NULL, page pid's at pid * stride bytes: += the softmax weight
+ *                                         of each slot summed over the G query heads (RDR utility)
  * Limits: D % 8 == 0, D <= 256, P <= 256, G <= 16.
  */
 #include <math.h>
@@ -75,7 +76,7 @@ DEF_ROW_OPS(f32, float, CONV_F32)
 #define DEFINE_DENSE_DECODE(SUF, KV_T)                                                                     \
 int skvrt_dense_decode_##SUF(const float *q, const KV_T *k_pool, const KV_T *v_pool, const int32_t *fill, \
                              const int32_t *page_ids, const int32_t *n_pages, int nq, int H, int P, int D, \
-                             int max_pages, float scale, float *out, float *mass)                          \
+                             int max_pages, int64_t stride, float scale, float *out, float *mass)          \
 {                                                                                                           \
     if (D > MAX_D || D % 8 || P > MAX_P || nq % H || nq / H > MAX_G) return -1;                             \
     const int G = nq / H;                                                                                   \
@@ -88,8 +89,8 @@ int skvrt_dense_decode_##SUF(const float *q, const KV_T *k_pool, const KV_T *v_p
             const int32_t pid = page_ids[(int64_t)h * max_pages + pi];                                      \
             const int f = fill[pid];                                                                        \
             if (f == 0) continue;                                                                           \
-            const KV_T *kp = k_pool + (int64_t)pid * P * D;                                                 \
-            const KV_T *vp = v_pool + (int64_t)pid * P * D;                                                 \
+            const KV_T *kp = (const KV_T *)((const char *)k_pool + (int64_t)pid * stride);                  \
+            const KV_T *vp = (const KV_T *)((const char *)v_pool + (int64_t)pid * stride);                  \
             float pm[MAX_G];                                                                                \
             for (int g = 0; g < G; g++) pm[g] = -INFINITY;                                                  \
             for (int t = 0; t < f; t++)                                                                     \
@@ -113,15 +114,18 @@ int skvrt_dense_decode_##SUF(const float *q, const KV_T *k_pool, const KV_T *v_p
             float *oj = out + ((int64_t)h * G + g) * D;                                                     \
             const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;                                                \
             for (int d = 0; d < D; d++) oj[d] = acc[g][d] * inv;                                            \
-            if (!mass) continue;                                                                            \
-            /* exact normalised weight per slot (only when asked): recompute logits with the final max */  \
-            float *mj = mass + ((int64_t)h * G + g) * H * max_pages * P;                                    \
-            for (int pi = 0; pi < n_pages[h]; pi++) {                                                       \
-                const int32_t pid = page_ids[(int64_t)h * max_pages + pi];                                  \
-                const KV_T *kp = k_pool + (int64_t)pid * P * D;                                             \
-                for (int t = 0; t < fill[pid]; t++)                                                         \
-                    mj[((int64_t)h * max_pages + pi) * P + t] =                                             \
-                        expf(dot_##SUF(qh + g * D, kp + (int64_t)t * D, D) * scale - m[g]) * inv;           \
+        }                                                                                                   \
+        if (!mass) continue;                                                                                \
+        /* exact normalised weights (only when asked): recompute logits with the final max */               \
+        for (int pi = 0; pi < n_pages[h]; pi++) {                                                           \
+            const int32_t pid = page_ids[(int64_t)h * max_pages + pi];                                      \
+            const KV_T *kp = (const KV_T *)((const char *)k_pool + (int64_t)pid * stride);                  \
+            float *ms = (float *)((char *)mass + (int64_t)pid * stride);                                    \
+            for (int t = 0; t < fill[pid]; t++) {                                                           \
+                float x = 0.f;                                                                              \
+                for (int g = 0; g < G; g++)                                                                 \
+                    x += expf(dot_##SUF(qh + g * D, kp + (int64_t)t * D, D) * scale - m[g]) / l[g];         \
+                ms[t] += x;                                                                                 \
             }                                                                                               \
         }                                                                                                   \
     }                                                                                                       \

@@ -118,20 +118,32 @@ def variant_lib(name: str) -> ctypes.CDLL:
     return _variants[name]
 
 
+class TierDesc(ctypes.Structure):
+    """skvrt_tier in kernels_c/attention_ada.c: one pool's page fields, each at field + pid * stride bytes."""
+
+    _fields_ = [("kind", ctypes.c_int32), ("P", ctypes.c_int32), ("stride", ctypes.c_int64),
+                ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("codes", ctypes.c_void_p),
+                ("frame", ctypes.c_void_p), ("v_codes", ctypes.c_void_p), ("v_min", ctypes.c_void_p),
+                ("v_scale", ctypes.c_void_p), ("mass", ctypes.c_void_p), ("KB", ctypes.c_int32),
+                ("vb", ctypes.c_int32), ("vg", ctypes.c_int32), ("pad", ctypes.c_int32),
+                ("angle_bits", ctypes.c_void_p), ("radius_bits", ctypes.c_void_p)]
+
+
+KIND_DENSE_F16, KIND_DENSE_F32, KIND_ADA = 0, 1, 2
+
+
 def _declare(L: ctypes.CDLL) -> None:
     P = ctypes.c_void_p
-    i, f = ctypes.c_int, ctypes.c_float
+    i, f, i64 = ctypes.c_int, ctypes.c_float, ctypes.c_int64
     for name in ("skvrt_dense_decode_f16", "skvrt_dense_decode_f32"):
         fn = getattr(L, name)
-        fn.argtypes = [P, P, P, P, P, P, i, i, i, i, i, f, P, P]
+        fn.argtypes = [P, P, P, P, P, P, i, i, i, i, i, i64, f, P, P]
         fn.restype = ctypes.c_int
     L.skvrt_set_threads.argtypes = [i]
     L.skvrt_set_threads.restype = None
-    for name in ("skvrt_mixed_decode_f16", "skvrt_mixed_decode_f32"):
-        fn = getattr(L, name)
-        fn.argtypes = [P] * 15 + [i] * 8 + [f, P]
-        fn.restype = ctypes.c_int
-    L.skvrt_ada_decode_pages.argtypes = [P] * 7 + [i] + [P] * 2 + [i] * 5 + [P] * 2
+    L.skvrt_paged_decode.argtypes = [P, P, i, P, P, P, P, i, i, i, i, f, P]
+    L.skvrt_paged_decode.restype = ctypes.c_int
+    L.skvrt_ada_decode_pages.argtypes = [P] * 5 + [i64, P, P, i, P, P] + [i] * 5 + [P] * 2
     L.skvrt_ada_decode_pages.restype = ctypes.c_int
 
 
@@ -145,64 +157,70 @@ def ptr(a) -> int:
     return a.ctypes.data
 
 
-def dense_decode(q, pool, page_ids, n_pages, scale: float, out, mass=None, L=None) -> None:
-    """C twin of attention.attend_dense for one decode step. Shapes: see kernels_c/attention_dense.c.
-    L: a library from variant_lib (tests); default lib()."""
+def dense_decode(q, pool, page_ids, n_pages, scale: float, out, with_mass: bool = False, L=None) -> None:
+    """C twin of attention.attend_dense for one decode step over dense pages (one layer). Shapes: see
+    kernels_c/attention_dense.c. with_mass: add each slot's softmax weight (summed over the query group) to
+    pool.mass. L: a library from variant_lib (tests); default lib()."""
     L = L or lib()
     H, max_pages = page_ids.shape
     nq, D = q.shape
     assert q.dtype == "float32" and q.flags.c_contiguous and out.flags.c_contiguous
     assert page_ids.dtype == "int32" and page_ids.flags.c_contiguous and n_pages.dtype == "int32"
+    assert pool.k.strides[0] == pool.v.strides[0] == pool.stride and pool.k.strides[1:] == pool.v.strides[1:]
+    assert pool.k.strides[2] == pool.k.itemsize and pool.k.strides[1] == D * pool.k.itemsize
+    assert not with_mass or pool.mass is not None
     fn = L.skvrt_dense_decode_f16 if pool.k.dtype == "float16" else L.skvrt_dense_decode_f32
     rc = fn(ptr(q), ptr(pool.k), ptr(pool.v), ptr(pool.fill), ptr(page_ids), ptr(n_pages), nq, H,
-            pool.page_size, D, max_pages, scale, ptr(out), ptr(mass) if mass is not None else None)
+            pool.page_size, D, max_pages, pool.stride, scale, ptr(out), ptr(pool.mass) if with_mass else None)
     if rc != 0:
         raise ValueError(f"dense_decode rejected shapes: nq={nq} H={H} P={pool.page_size} D={D}")
 
 
-def mixed_decode(q, dense_pool, ada_pool, page_ids, page_tiers, n_pages, angle_bits, radius_bits, scale: float,
-                 out, L=None) -> None:
-    """One decode step of one layer over dense (tier 0) and ADA (tier 1) pages: C twin of cache._scores +
-    softmax_attend. q, out (nq, D) float32; page_ids (H, max_pages) int32, page_tiers (H, max_pages) int8,
-    n_pages (H,) int32 (this layer's table rows); angle_bits, radius_bits (H, D/2) uint8 =
-    ada.split_bits(tier.pair_bits[layer]). Shapes: see kernels_c/attention_ada.c."""
+def tier_desc(pool, layer: int, ada_bits=None, with_mass: bool = False) -> TierDesc:
+    """The kernel's descriptor of one pool (dense or ADA) for one layer. ada_bits: (angle, radius) widths
+    (L, H, D/2) uint8 of an ADA pool. The descriptor holds raw pointers: keep pool (and ada_bits) alive."""
+    import numpy as np
+
+    d, t = pool.data, TierDesc()
+    t.P, t.stride = pool.page_size, pool.stride
+    t.mass = ptr(pool.mass) if with_mass else None
+    if "k" in d:
+        assert d["k"].dtype in (np.float16, np.float32) and d["k"].strides[0] == pool.stride
+        t.kind = KIND_DENSE_F16 if d["k"].dtype == np.float16 else KIND_DENSE_F32
+        t.k, t.v = ptr(d["k"]), ptr(d["v"])
+        return t
+    tier = pool.tier
+    t.kind = KIND_ADA
+    t.codes, t.frame, t.v_codes = ptr(d["codes"]), ptr(d["frame"]), ptr(d["v_codes"])
+    t.v_min, t.v_scale = ptr(d["v_min"]), ptr(d["v_scale"])
+    t.KB, t.vb, t.vg = tier.key_bits // 8, tier.v_bits, tier.v_group
+    ba, br = ada_bits
+    assert ba.dtype == br.dtype == np.uint8 and ba.flags.c_contiguous and br.flags.c_contiguous
+    t.angle_bits, t.radius_bits = ptr(ba[layer]), ptr(br[layer])
+    return t
+
+
+def paged_decode(q, descs, fill, page_ids, page_tiers, n_pages, scale: float, out, L=None) -> None:
+    """One decode step of one layer over pages of any tiers (dense / ADA), logits of ADA pages from their
+    codes: C twin of cache._scores + softmax_attend. q, out (nq, D) float32; descs: one TierDesc per pool (in
+    pool order = page_tiers values); fill (N,) int32 (the arena's); page_ids (H, max_pages) int32,
+    page_tiers (H, max_pages) int8, n_pages (H,) int32 (this layer's table rows). Shapes: attention_ada.c."""
     import numpy as np
 
     L = L or lib()
     H, max_pages = page_ids.shape
     nq, D = q.shape
-    P = dense_pool.page_size
-    kd, ad = dense_pool.data, ada_pool.data
-    tier = ada_pool.tier
-    KB, vb, vg = tier.key_bits // 8, tier.v_bits, tier.v_group
-    assert q.dtype == np.float32 and q.flags.c_contiguous
+    assert q.dtype == np.float32 and q.flags.c_contiguous and nq % H == 0
     assert out.dtype == np.float32 and out.flags.c_contiguous and out.shape == (nq, D)
-    assert nq % H == 0 and ada_pool.page_size == P and dense_pool.head_dim == D == ada_pool.head_dim
     assert page_ids.dtype == np.int32 and page_ids.flags.c_contiguous
     assert page_tiers.dtype == np.int8 and page_tiers.flags.c_contiguous and page_tiers.shape == (H, max_pages)
     assert n_pages.dtype == np.int32 and n_pages.flags.c_contiguous and n_pages.shape == (H,)
-    for a in (angle_bits, radius_bits):
-        assert a.dtype == np.uint8 and a.flags.c_contiguous and a.shape == (H, D // 2)
-    kdt = kd["k"].dtype
-    assert kdt in (np.float16, np.float32) and kd["v"].dtype == kdt
-    n0, n1 = dense_pool.n_pages, ada_pool.n_pages
-    for name, a, shape, dt in (("k", kd["k"], (n0, P, D), kdt), ("v", kd["v"], (n0, P, D), kdt),
-                               ("fill0", dense_pool.fill, (n0,), np.int32),
-                               ("codes", ad["codes"], (n1, P, KB), np.uint8),
-                               ("frame", ad["frame"], (n1, D // 2, 4), np.float16),
-                               ("v_codes", ad["v_codes"], (n1, P, D * vb // 8), np.uint8),
-                               ("v_min", ad["v_min"], (n1, P, D // vg), np.float16),
-                               ("v_scale", ad["v_scale"], (n1, P, D // vg), np.float16),
-                               ("fill1", ada_pool.fill, (n1,), np.int32)):
-        assert a.dtype == dt and a.shape == shape and a.flags.c_contiguous, name
-    fn = L.skvrt_mixed_decode_f16 if kdt == np.float16 else L.skvrt_mixed_decode_f32
-    rc = fn(ptr(q), ptr(kd["k"]), ptr(kd["v"]), ptr(dense_pool.fill), ptr(ad["codes"]), ptr(ad["frame"]),
-            ptr(ad["v_codes"]), ptr(ad["v_min"]), ptr(ad["v_scale"]), ptr(ada_pool.fill), ptr(page_ids),
-            ptr(page_tiers), ptr(n_pages), ptr(angle_bits), ptr(radius_bits), nq, H, P, D, max_pages, KB, vb, vg,
-            scale, ptr(out))
+    assert fill.dtype == np.int32 and fill.flags.c_contiguous
+    arr = (TierDesc * len(descs))(*descs)
+    rc = L.skvrt_paged_decode(ptr(q), ctypes.addressof(arr), len(descs), ptr(fill), ptr(page_ids),
+                              ptr(page_tiers), ptr(n_pages), nq, H, D, max_pages, scale, ptr(out))
     if rc != 0:
-        raise ValueError(f"mixed_decode rejected its inputs (rc {rc}): nq={nq} H={H} P={P} D={D} "
-                         f"key bytes={KB} v_bits={vb} v_group={vg}")
+        raise ValueError(f"paged_decode rejected its inputs (rc {rc}): nq={nq} H={H} D={D} tiers={len(descs)}")
 
 
 def ada_decode_pages(ada_pool, pids, angle_bits, radius_bits, L=None):
@@ -218,11 +236,12 @@ def ada_decode_pages(ada_pool, pids, angle_bits, radius_bits, L=None):
     ab, rb = (np.ascontiguousarray(b, np.uint8) for b in (angle_bits, radius_bits))
     assert ab.shape == rb.shape == (D // 2,)
     for name in ("codes", "frame", "v_codes", "v_min", "v_scale"):
-        assert d[name].flags.c_contiguous, name
+        assert d[name].strides[0] == ada_pool.stride, name
     k = np.empty((len(pids), P, D), np.float32)
     v = np.empty((len(pids), P, D), np.float32)
     rc = L.skvrt_ada_decode_pages(ptr(d["codes"]), ptr(d["frame"]), ptr(d["v_codes"]), ptr(d["v_min"]),
-                                  ptr(d["v_scale"]), ptr(ada_pool.fill), ptr(pids), len(pids), ptr(ab), ptr(rb),
+                                  ptr(d["v_scale"]), ada_pool.stride, ptr(ada_pool.fill), ptr(pids), len(pids),
+                                  ptr(ab), ptr(rb),
                                   P, D, tier.key_bits // 8, tier.v_bits, tier.v_group, ptr(k), ptr(v))
     if rc != 0:
         raise ValueError(f"ada_decode_pages rejected its inputs (rc {rc}): P={P} D={D} key bits={tier.key_bits}")

@@ -13,8 +13,8 @@ from skvrt.kv.pool import DenseTier, TierPool
 pytestmark = pytest.mark.skipif(ckernels.lib() is None, reason=f"C kernels unavailable: {ckernels.build_error}")
 
 
-def random_layer(rng, H, D, P, dtype, max_pages=12):
-    pool = TierPool(DenseTier(dtype), n_pages=H * max_pages + 5, page_size=P, head_dim=D)
+def random_layer(rng, H, D, P, dtype, max_pages=12, track_mass=False):
+    pool = TierPool(DenseTier(dtype), n_pages=H * max_pages + 5, page_size=P, head_dim=D, track_mass=track_mass)
     page_ids = np.full((H, max_pages), -1, dtype=np.int32)
     n_pages = np.zeros(H, dtype=np.int32)
     pos = 0
@@ -60,21 +60,24 @@ def test_dense_decode_matches_numpy_twin(dtype, atol, H, G, D, P, isa):
 
 
 def test_dense_decode_reports_attention_mass():
+    """with_mass adds, to every slot's mass, its softmax weight summed over the G query heads of its KV head
+    (twice: it accumulates)."""
     rng = np.random.default_rng(7)
     H, G, D, P = 2, 3, 64, 16
-    pool, page_ids, n_pages = random_layer(rng, H, D, P, "float16", max_pages=6)
+    pool, page_ids, n_pages = random_layer(rng, H, D, P, "float16", max_pages=6, track_mass=True)
     q = rng.normal(0, 1, (H * G, D)).astype(np.float32)
     out = np.empty((H * G, D), dtype=np.float32)
-    mass = np.zeros((H * G, H * 6 * P), dtype=np.float32)
-    ckernels.dense_decode(q, pool, page_ids, n_pages, D ** -0.5, out, mass)
-    for j in range(H * G):
-        h = j // G
-        m = mass[j].reshape(H, 6, P)
-        assert abs(m.sum() - 1) < 1e-5 and m[1 - h].sum() == 0
+    for _ in range(2):
+        ckernels.dense_decode(q, pool, page_ids, n_pages, D ** -0.5, out, with_mass=True)
+    for h in range(H):
         k, v, _ = gather_dense(pool, page_ids[h, : n_pages[h]])
-        s = k @ q[j] * D ** -0.5
-        p = np.exp(s - s.max())
-        p /= p.sum()
-        got = np.concatenate([m[h, i, : pool.fill[page_ids[h, i]]] for i in range(n_pages[h])])
-        np.testing.assert_allclose(got, p, atol=1e-6)
-        np.testing.assert_allclose(out[j], p @ v, atol=2e-5)
+        want = np.zeros(len(k))
+        for j in range(h * G, (h + 1) * G):
+            s = k @ q[j] * D ** -0.5
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            want += 2 * p
+            np.testing.assert_allclose(out[j], p @ v, atol=2e-5)
+        got = np.concatenate([pool.mass[pid, : pool.fill[pid]] for pid in page_ids[h, : n_pages[h]]])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert abs(got.sum() - 2 * G) < 1e-4

@@ -88,18 +88,17 @@ def twin(cache, layer, q):
     G = q.shape[0] // H
     out = np.empty_like(q)
     for h in range(H):
-        s, v, kpos = cache._scores(layer, h, q[h * G : (h + 1) * G, None])
+        s, v, kpos, _ = cache._scores(layer, h, q[h * G : (h + 1) * G, None])
         out[h * G : (h + 1) * G] = softmax_attend(s, v, kpos, np.array([10**9]))[:, 0]
     return out
 
 
-def kernel(cache, layer, q, L=None):
-    tier = cache.pools[1].tier
-    ba, br = split_bits(tier.pair_bits[layer])
+def kernel(cache, layer, q, L=None, with_mass=False):
+    """The C path for one layer: paged_decode over every pool's descriptor."""
     out = np.full_like(q, np.nan)
     t = cache.table
-    ckernels.mixed_decode(q, cache.pools[0], cache.pools[1], t.page_ids[layer], t.page_tiers[layer],
-                          t.n_pages[layer], np.ascontiguousarray(ba, np.uint8), np.ascontiguousarray(br, np.uint8),
+    descs = [ckernels.tier_desc(p, layer, cache._ada_bits.get(i), with_mass) for i, p in enumerate(cache.pools)]
+    ckernels.paged_decode(q, descs, cache.arena.fill, t.page_ids[layer], t.page_tiers[layer], t.n_pages[layer],
                           cache.scale, out, L=L)
     return out
 
@@ -187,7 +186,8 @@ def test_never_reads_past_fill(klib):
             keep = rng.random(int(ada.fill[pid])) < 0.5
             keep[0] = True
             ada.compact(pid, keep)
-    unused = np.arange(ada.page_size)[None, :] >= ada.fill[:, None]
+    mine = ada.arena.owner == ada.index  # frames holding ADA pages (the others hold dense pages)
+    unused = (np.arange(ada.page_size)[None, :] >= ada.fill[:, None]) & mine[:, None]
     for name in ("codes", "v_codes"):
         arr = ada.data[name]
         arr[unused] = rng.integers(0, 256, arr[unused].shape, dtype=np.uint8)
@@ -205,17 +205,21 @@ def test_empty_table_gives_zeros_and_limits_raise():
     cache.table.n_pages[:] = 0
     assert (kernel(cache, 0, q) == 0).all()
     cache.table.n_pages[:] = saved
-    tier = cache.pools[1].tier
-    ba, br = (np.ascontiguousarray(b, np.uint8) for b in split_bits(tier.pair_bits[0]))
     t, out = cache.table, np.empty_like(q)
-    args = (cache.pools[0], cache.pools[1], t.page_ids[0], t.page_tiers[0], t.n_pages[0])
+    ba, br = cache._ada_bits[1]
+    args = (cache.arena.fill, t.page_ids[0], t.page_tiers[0], t.n_pages[0], cache.scale)
     bad = ba.copy()
-    bad[0, 0] = 13  # a field wider than 12 bits
+    bad[0, 0, 0] = 13  # a field wider than 12 bits
+    descs = [ckernels.tier_desc(cache.pools[0], 0), ckernels.tier_desc(cache.pools[1], 0, (bad, br))]
     with pytest.raises(ValueError):
-        ckernels.mixed_decode(q, *args, bad, br, cache.scale, out)
+        ckernels.paged_decode(q, descs, *args, out)
+    descs = [ckernels.tier_desc(p, 0, cache._ada_bits.get(i)) for i, p in enumerate(cache.pools)]
     q17 = rng.normal(size=(34, 64)).astype(np.float32)  # G = 17
     with pytest.raises(ValueError):
-        ckernels.mixed_decode(q17, *args, ba, br, cache.scale, np.empty_like(q17))
+        ckernels.paged_decode(q17, descs, *args, np.empty_like(q17))
+    t.page_tiers[0, 0, 0] = 5  # no such tier
+    with pytest.raises(ValueError):
+        ckernels.paged_decode(q, descs, *args, out)
 
 
 @pytest.mark.parametrize("key_bits,D,skew", [(192, 64, False), (128, 128, False), (72, 64, True), (256, 64, True)])

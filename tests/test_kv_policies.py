@@ -56,11 +56,14 @@ def test_quant_tier_matches_twin(kb, vb):
     np.testing.assert_allclose(V[0], v_ref.reshape(P, D), rtol=0, atol=1e-5 * np.abs(v).max())
     err = np.abs(K[0] - k).max(0) / (k.max(0) - k.min(0))
     assert (err <= 0.5 / (2**kb - 1) + 1e-3).all()  # within half a step of the channel's range
-    assert tier.page_bytes(P, D) == P * D * (kb + vb) // 8 + 2 * D * 2 + P * 2 * 2 * 2 + 4 + 4 * P
+    # fields (each 16-byte aligned) + positions + the fill count
+    al = lambda n: -(-n // 16) * 16  # noqa: E731
+    assert tier.page_bytes(P, D) == (al(P * D * kb // 8) + al(2 * D) * 2 + al(P * D * vb // 8) + al(P * 2 * 2) * 2
+                                     + al(4 * P) + 4)
 
 
 def test_bad_policy_options():
-    with pytest.raises(InputError, match="valid: full, window, ada, quant"):
+    with pytest.raises(InputError, match="valid: full, window, ada, quant, snapkv, h2o, spherical"):
         make_policy("h2o-ish")
     with pytest.raises(InputError, match="bits"):
         make_policy("quant", k_bits=3)
@@ -94,12 +97,14 @@ def check_invariants(cache):
                 dense = [q for pid, t in zip(*cache.table.pages(layer, h)) if t == DENSE
                          for q in cache.pools[DENSE].positions[pid, : cache.pools[DENSE].fill[pid]]]
                 assert len([q for q in dense if q >= p.sinks]) < p.window + cache.page_size
-    # no leak: pages in use in each pool == pages listed in the table for that tier
+    # no leak: the frames each pool owns are exactly the pages the table lists for that tier
+    arena = cache.arena
     for t, pool in enumerate(cache.pools):
-        listed = sum(int((cache.table.pages(l, h)[1] == t).sum())
-                     for l in range(cache.n_layers) for h in range(cache.n_kv_heads))
-        assert pool.n_used == listed
-        assert pool.n_used + pool.n_free == pool.n_pages
+        listed = sorted(int(pid) for l in range(cache.n_layers) for h in range(cache.n_kv_heads)
+                        for pid, tt in zip(*cache.table.pages(l, h)) if tt == t)
+        assert listed == sorted(np.nonzero(arena.owner == t)[0].tolist())
+        assert pool.n_used == len(listed)
+    assert sum(p.n_used for p in cache.pools) + arena.n_free == arena.n_frames
 
 
 @settings(max_examples=40, deadline=None)

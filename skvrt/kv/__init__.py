@@ -7,9 +7,16 @@ from __future__ import annotations
 import sys
 
 from ..errors import InputError
+import numpy as np
+
 from .ada import AdaTier, allocate_bits
 from .cache import PagedKVCache, Policy
-from .tiers import QuantTier
+from .tiers import DenseTier, QuantTier
+
+# ADA tiers of the spherical policy's ladder: (key bits per token per head, value bits), richest first
+DEFAULT_LADDER = ((256, 4), (128, 4), (64, 2))
+LADDER_V_GROUP = 64
+RDR_WINDOW = 32  # default recent window of the budgeted policies
 
 KV_POLICIES = {
     "full": "every token kept in the dense tier (float16 by default)",
@@ -19,35 +26,93 @@ KV_POLICIES = {
            "`skvrt calibrate`",
     "quant": "KIVI-like: sinks + recent window dense, older tokens as per-channel int-k keys and per-token "
              "int-v values (k_bits / v_bits / v_group options; default 4 / 4 / 32)",
+    "snapkv": "SnapKV-like eviction under --kv-budget: tokens kept at dense precision by the attention of each "
+              "prefill chunk's last queries (pooled over neighbours), the rest dropped",
+    "h2o": "H2O-like eviction under --kv-budget: tokens kept at dense precision by accumulated attention "
+           "(prefill observation window + every decode step), the rest dropped",
+    "spherical": "Spherical KV (ADA + RDR) under --kv-budget: each token outside sinks + window gets an ADA tier "
+                 "(ladder=256:4,128:4,64:2 key:value bits) or is dropped, by attention utility x calibrated "
+                 "distortion, jointly over layers and heads; needs `skvrt calibrate`",
 }
+BUDGETED = ("snapkv", "h2o", "spherical")
 
 
-def make_policy(kv_policy: str = "full", sinks: int = 4, window: int = 64, k_bits: int = 4, v_bits: int = 4,
-                v_group: int = 32, tier: int = 192, calibration=None) -> Policy:
+def parse_ladder(ladder) -> tuple[tuple[int, int], ...]:
+    """'256:4,128:4,64:2' (or a sequence of pairs) -> ((256, 4), (128, 4), (64, 2))."""
+    if ladder is None:
+        return DEFAULT_LADDER
+    try:
+        if isinstance(ladder, str):
+            ladder = [tuple(int(x) for x in part.split(":")) for part in ladder.split(",") if part]
+        out = tuple((int(kb), int(vb)) for kb, vb in ladder)
+    except (ValueError, TypeError):
+        raise InputError(f"bad ladder {ladder!r}: use key_bits:value_bits pairs, richest first, e.g. "
+                         f"256:4,128:4,64:2") from None
+    if not out or any(kb % 8 or kb <= 0 or vb not in (2, 4, 8) for kb, vb in out):
+        raise InputError(f"bad ladder {ladder!r}: key bits multiples of 8, value bits 2, 4 or 8")
+    return out
+
+
+def proxy_distortion(calibration, tiers) -> np.ndarray:
+    """(L, H, n) distortion estimate from the sidecar's statistics when it has no measured ladder: the logit
+    error of b_i bits on pair i ~ scale^2 sum_i w_i 2^-b_i / 12 (w = E[q^2] x key range^2, the model behind
+    allocate_bits), plus a value term (int-vb over a group's ~4.7 sigma range, relative to the spread)."""
+    D = calibration.q_sq.shape[-1]
+    out = []
+    for t in tiers:
+        logit = (calibration.pair_weight * np.exp2(-t.pair_bits.astype(np.float64))).sum(-1) / 12 / D
+        value = (4.7 / (2 ** t.v_bits - 1)) ** 2 / 12
+        out.append(logit + value)
+    return np.stack(out, axis=-1)
+
+
+def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = None, k_bits: int = 4,
+                v_bits: int = 4, v_group: int = 32, tier: int = 192, calibration=None, budget=None,
+                ladder=None, kv_dtype: str = "float16", obs: int = 32, chunk: int | None = None) -> Policy:
     if kv_policy not in KV_POLICIES:
         raise InputError(f"unknown --kv-policy {kv_policy!r}; valid: {', '.join(KV_POLICIES)}")
+    if window is None:
+        window = RDR_WINDOW if kv_policy in BUDGETED else 64
     if kv_policy == "full":
-        return Policy()
+        return Policy(budget=budget)
     if sinks < 0 or window < 1:
         raise InputError(f"sinks must be >= 0 and window >= 1 (got sinks={sinks}, window={window})")
+    if kv_policy in BUDGETED and budget is None:
+        raise InputError(f"--kv-policy {kv_policy} needs a --kv-budget (e.g. 25%, 0.25 or 64MiB)")
+    common = dict(sinks=sinks, window=window, keep_all=False, budget=budget, chunk=chunk)
     if kv_policy == "window":
-        return Policy("window", sinks, window, None, keep_all=False)
+        return Policy("window", **common)
+    if kv_policy in ("snapkv", "h2o"):
+        return Policy(kv_policy, old_tiers=(DenseTier(kv_dtype),), allocator="rdr", obs=obs,
+                      utility="prefill" if kv_policy == "snapkv" else "sum", **common)
+    if kv_policy in ("ada", "spherical") and calibration is None:
+        if kv_policy == "spherical":
+            raise InputError("--kv-policy spherical needs the model's calibration sidecar: run `skvrt calibrate`")
+        print("skvrt: this model has no calibration sidecar (run `skvrt calibrate`); --kv-policy ada falls "
+              "back to the dense tier", file=sys.stderr)
+        return Policy(budget=budget)
+    if kv_policy == "spherical":
+        steps = parse_ladder(ladder)
+        max_bits = 12 * calibration.q_sq.shape[-1] // 2
+        if any(kb > max_bits for kb, _ in steps):
+            raise InputError(f"ladder key bits must be <= {max_bits}")
+        tiers = tuple(AdaTier(allocate_bits(calibration.pair_weight, kb), vb, LADDER_V_GROUP) for kb, vb in steps)
+        measured = calibration.distortion(steps, LADDER_V_GROUP) if hasattr(calibration, "distortion") else None
+        dist = measured if measured is not None else proxy_distortion(calibration, tiers)
+        return Policy("spherical", old_tiers=tiers, allocator="rdr", utility="mean", distortion=dist, obs=obs,
+                      **common)
     if kv_policy == "ada":
-        if calibration is None:
-            print("skvrt: this model has no calibration sidecar (run `skvrt calibrate`); --kv-policy ada falls "
-                  "back to the dense tier", file=sys.stderr)
-            return Policy()
         if tier % 8 or not 8 <= tier <= 12 * calibration.q_sq.shape[-1] // 2:
             raise InputError(f"ada tier must be a multiple of 8 key bits per token per head, 8..., not {tier}")
         if v_bits not in (2, 4, 8):
             raise InputError(f"v_bits must be 2, 4 or 8, not {v_bits}")
         bits = allocate_bits(calibration.pair_weight, int(tier))
-        return Policy(f"ada{tier}-v{v_bits}", sinks, window, AdaTier(bits, int(v_bits), int(v_group)), keep_all=False)
+        return Policy(f"ada{tier}-v{v_bits}", old_tiers=(AdaTier(bits, int(v_bits), int(v_group)),), **common)
     try:
-        tier = QuantTier(int(k_bits), int(v_bits), int(v_group))
+        qt = QuantTier(int(k_bits), int(v_bits), int(v_group))
     except ValueError as e:
         raise InputError(str(e)) from None
-    return Policy(f"quant-k{tier.k_bits}v{tier.v_bits}", sinks, window, tier, keep_all=False)
+    return Policy(f"quant-k{qt.k_bits}v{qt.v_bits}", old_tiers=(qt,), **common)
 
 
 def make_cache(args, n_ctx: int | None = None, kv_policy: str = "full", kv_dtype: str = "float16",
@@ -56,7 +121,8 @@ def make_cache(args, n_ctx: int | None = None, kv_policy: str = "full", kv_dtype
     if kv_dtype not in ("float16", "float32"):
         raise InputError(f"kv dtype must be float16 or float32, not {kv_dtype!r}")
     try:
-        policy = make_policy(kv_policy, calibration=getattr(args, "kv_calibration", None), **policy_opts)
+        policy = make_policy(kv_policy, calibration=getattr(args, "kv_calibration", None), kv_dtype=kv_dtype,
+                             **policy_opts)
     except TypeError as e:
         raise InputError(f"bad option for --kv-policy {kv_policy}: {e}") from None
     kw = {"page_size": page_size} if page_size else {}

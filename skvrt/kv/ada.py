@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from .tiers import FILL_BYTES, POSITION_BYTES, QuantTier
+from .tiers import QuantTier, _Tier, value_fields
 
 MAX_PAIR_BITS = 12
 
@@ -66,7 +66,7 @@ def unpack_bits(packed: np.ndarray, widths: list[int]) -> list[np.ndarray]:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class AdaTier:
+class AdaTier(_Tier):
     """pair_bits (L, H, D/2): bits per pair for every (layer, kv head); each row sums to key_bits."""
 
     pair_bits: np.ndarray
@@ -90,59 +90,105 @@ class AdaTier:
     def values(self) -> QuantTier:
         return QuantTier(8, self.v_bits, self.v_group)  # its value codec only
 
-    def alloc(self, n_pages: int, P: int, D: int) -> dict[str, np.ndarray]:
+    def fields(self, P, D):
         if D % self.v_group:
             raise ValueError(f"v_group {self.v_group} does not divide head_dim {D}")
-        ng = D // self.v_group
-        return {
-            "codes": np.zeros((n_pages, P, self.key_bits // 8), np.uint8),
-            "frame": np.zeros((n_pages, D // 2, 4), np.float16),  # theta0, gamma, rho0, drho per pair
-            "v_codes": np.zeros((n_pages, P, D * self.v_bits // 8), np.uint8),
-            "v_min": np.zeros((n_pages, P, ng), np.float16),
-            "v_scale": np.zeros((n_pages, P, ng), np.float16),
-        }
+        return [("codes", "uint8", ("P", self.key_bits // 8)),
+                ("frame", "float16", (D // 2, 4)),  # theta0, gamma, rho0, drho per pair
+                *value_fields(D, self.v_bits, self.v_group)]
 
     per_slot = ("codes", "v_codes", "v_min", "v_scale")
-
-    def page_bytes(self, P: int, D: int) -> int:
-        k = P * self.key_bits // 8 + (D // 2) * 4 * 2
-        v = P * D * self.v_bits // 8 + P * (D // self.v_group) * 2 * 2
-        return k + v + FILL_BYTES + POSITION_BYTES * P
 
     def _widths(self, lh) -> list[int]:
         ba, br = split_bits(self.pair_bits[lh])
         return [int(w) for pair in zip(ba, br) for w in pair]
 
-    def write_page(self, data, pid: int, k: np.ndarray, v: np.ndarray, lh=(0, 0)) -> None:
-        """Encode n <= P tokens (k, v (n, D) float32) of (layer, head) = lh into an empty page."""
-        n, D = k.shape
-        h2 = D // 2
-        x, y = k[:, :h2].astype(np.float64), k[:, h2:].astype(np.float64)  # (n, D/2) pair coordinates
-        rho, phi = np.hypot(x, y), np.arctan2(y, x)
+    @staticmethod
+    def _fit(rho: np.ndarray, phi: np.ndarray, na: np.ndarray, nr: np.ndarray) -> np.ndarray:
+        """Page-local frame of n tokens' pairs: rho, phi (n, D/2) -> (D/2, 4) float16 theta0, gamma, rho0, drho."""
         mean = np.angle(np.sum(rho * np.exp(1j * phi), axis=0))  # (D/2,) rho-weighted circular mean
         off = np.angle(np.exp(1j * (phi - mean)))  # (n, D/2) in (-pi, pi]
-        ba, br = split_bits(self.pair_bits[lh])
-        na, nr = (1 << ba), (1 << br)
         lo, hi = off.min(0), off.max(0)
         theta0 = np.where(na > 1, mean + lo, mean + (lo + hi) / 2)
         gamma = np.where(na > 1, (hi - lo) / np.maximum(na - 1, 1), 0.0)
         rlo, rhi = rho.min(0), rho.max(0)
         rho0 = np.where(nr > 1, rlo, rho.mean(0))
         drho = np.where(nr > 1, (rhi - rlo) / np.maximum(nr - 1, 1), 0.0)
-        frame = np.stack([np.angle(np.exp(1j * theta0)), gamma, rho0, drho], axis=-1).astype(np.float16)  # (D/2, 4)
-        f32 = frame.astype(np.float64)  # codes from the stored (rounded) frame, so decoding is consistent
-        # angle past the stored theta0: the offset from the page's lowest angle (in [0, span], span may
-        # exceed pi for pairs that rotate fast) plus the tiny rounding shift of theta0; never re-wrapped
-        rel = (off - lo) + np.angle(np.exp(1j * (theta0 - f32[:, 0])))
-        a = np.where(f32[:, 1] > 0, np.rint(rel / np.where(f32[:, 1] > 0, f32[:, 1], 1)), 0)
-        r = np.where(f32[:, 3] > 0, np.rint((rho - f32[:, 2]) / np.where(f32[:, 3] > 0, f32[:, 3], 1)), 0)
-        a = np.clip(a, 0, na - 1).astype(np.int64)
-        r = np.clip(r, 0, nr - 1).astype(np.int64)
-        fields = [(c[:, i], int(w)) for i in range(h2) for c, w in ((a, ba[i]), (r, br[i]))]
-        data["codes"][pid, :n] = pack_bits(fields, self.key_bits // 8)
+        return np.stack([np.angle(np.exp(1j * theta0)), gamma, rho0, drho], axis=-1).astype(np.float16)
+
+    @staticmethod
+    def _encode(rho, phi, frame: np.ndarray, na, nr) -> tuple[np.ndarray, np.ndarray]:
+        """Codes of tokens in a stored (rounded) frame: -> a, r (n, D/2) int64.
+
+        The angle code counts steps of gamma past theta0 going counter-clockwise, from theta0 - gamma / 2
+        (so spans past pi, for pairs that rotate fast, are never re-wrapped); clipped to the code range."""
+        f32 = frame.astype(np.float64)
+        th0, gam, r0, dr = f32[:, 0], f32[:, 1], f32[:, 2], f32[:, 3]
+        safe_g = np.where(gam > 0, gam, 1.0)
+        rel = np.mod(phi - th0 + gam / 2, 2 * np.pi)  # (n, D/2) in [0, 2 pi)
+        a = np.where(gam > 0, np.floor(rel / safe_g), 0)
+        r = np.where(dr > 0, np.rint((rho - r0) / np.where(dr > 0, dr, 1)), 0)
+        return np.clip(a, 0, na - 1).astype(np.int64), np.clip(r, 0, nr - 1).astype(np.int64)
+
+    @staticmethod
+    def _polar(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h2 = k.shape[1] // 2
+        x, y = k[:, :h2].astype(np.float64), k[:, h2:].astype(np.float64)  # (n, D/2) pair coordinates
+        return np.hypot(x, y), np.arctan2(y, x)
+
+    def _store(self, data, pid: int, a, r, frame, lh) -> None:
+        ba, br = split_bits(self.pair_bits[lh])
+        fields = [(c[:, i], int(w)) for i in range(len(ba)) for c, w in ((a, ba[i]), (r, br[i]))]
+        data["codes"][pid, : len(a)] = pack_bits(fields, self.key_bits // 8)
         data["frame"][pid] = frame
+
+    def write_page(self, data, pid: int, k: np.ndarray, v: np.ndarray, lh=(0, 0)) -> None:
+        """Encode n <= P tokens (k, v (n, D) float32) of (layer, head) = lh into an empty page."""
+        rho, phi = self._polar(k)
+        ba, br = split_bits(self.pair_bits[lh])
+        na, nr = 1 << ba, 1 << br
+        frame = self._fit(rho, phi, na, nr)
+        a, r = self._encode(rho, phi, frame, na, nr)  # codes from the stored (rounded) frame
+        self._store(data, pid, a, r, frame, lh)
         vc, vmn, vsc = self.values.encode_values(v)
-        data["v_codes"][pid, :n], data["v_min"][pid, :n], data["v_scale"][pid, :n] = vc, vmn, vsc
+        data["v_codes"][pid, : len(k)], data["v_min"][pid, : len(k)], data["v_scale"][pid, : len(k)] = vc, vmn, vsc
+
+    def append(self, data, pid: int, f: int, k: np.ndarray, v: np.ndarray, lh=(0, 0)) -> None:
+        """Add n tokens at slots f .. f + n of a page holding f tokens. Per pair, when the new tokens fall
+        inside the page's frame (within half a step of its angle arc and radius range), the old codes stay
+        as they are and the new ones use that frame; otherwise that pair's frame is refitted over the old
+        tokens' decoded values + the new tokens and the pair re-encoded (codes with 0 bits always refit)."""
+        if f == 0:
+            self.write_page(data, pid, k, v, lh)
+            return
+        rho_n, phi_n = self._polar(k)
+        ba, br = split_bits(self.pair_bits[lh])
+        na, nr = 1 << ba, 1 << br
+        frame = data["frame"][pid].copy()  # (D/2, 4)
+        f32 = frame.astype(np.float64)
+        a_old, r_old = (x[0, :f] for x in self.codes(data, np.array([pid]), lh))  # (f, D/2)
+        th0, gam, r0, dr = f32[:, 0], f32[:, 1], f32[:, 2], f32[:, 3]
+        rel = np.mod(phi_n - th0 + gam / 2, 2 * np.pi)
+        a_fits = (gam > 0) & (na > 1) & (rel < na * gam).all(0)  # (D/2,)
+        r_fits = (dr > 0) & (nr > 1) & ((rho_n >= r0 - dr / 2) & (rho_n <= r0 + (nr - 0.5) * dr)).all(0)
+        rho_o, phi_o = r0 + r_old * dr, th0 + a_old * gam  # old tokens as their codes decode
+        rho = np.concatenate([rho_o, rho_n])
+        phi = np.concatenate([phi_o, phi_n])
+        refit = self._fit(rho, phi, na, nr)
+        frame[~a_fits, :2] = refit[~a_fits, :2]
+        frame[~r_fits, 2:] = refit[~r_fits, 2:]
+        a, r = self._encode(rho, phi, frame, na, nr)
+        a[:f] = np.where(a_fits, a_old, a[:f])  # kept pairs keep their exact old codes
+        r[:f] = np.where(r_fits, r_old, r[:f])
+        self._store(data, pid, a, r, frame, lh)
+        vc, vmn, vsc = self.values.encode_values(v)
+        n = len(k)
+        data["v_codes"][pid, f : f + n], data["v_min"][pid, f : f + n], data["v_scale"][pid, f : f + n] = vc, vmn, vsc
+
+    def read_tokens(self, data, pid: int, f: int, lh) -> tuple[np.ndarray, np.ndarray]:
+        """Best copy of a page's first f tokens: keys as their codes decode, values dequantised (f, D)."""
+        pids = np.array([pid])
+        return self.decode_keys(data, pids, lh)[0, :f], self.read_values(data, pids)[0, :f]
 
     def codes(self, data, pids: np.ndarray, lh) -> tuple[np.ndarray, np.ndarray]:
         """-> angle codes a, radius codes r, each (n_pages, P, D/2) int."""

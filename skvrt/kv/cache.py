@@ -1,44 +1,90 @@
 """PagedKVCache: one sequence's KV cache, the object the model is handed.
 
 Layers call `cache.append(layer, k, v)` then `cache.attend(layer, q, positions)`; after a forward pass the
-model calls `cache.advance(T)`. Storage is a set of preallocated, tier-homogeneous page pools
-(`skvrt.kv.pool`) addressed through a page table (`skvrt.kv.pages`, where the contract is written).
+model calls `cache.advance(T)`. Storage is one preallocated frame arena (`skvrt.kv.pool`) holding the pages
+of every tier, addressed through a page table (`skvrt.kv.pages`, where the contract is written).
 
-New tokens always enter the dense tier (pool 0). Under a compressing policy, `advance` moves tokens that
-left the recent window -- except the first `sinks` -- out of the dense tier a page at a time: re-encoded into
-the policy's old-token tier (pool 1), or dropped. So the dense tier holds sinks + between `window` and
-`window + P - 1` recent tokens (+ the chunk being prefilled), and memory stays bounded between prefill chunks.
+New tokens always enter the dense tier (pool 0). Under a compressing policy, `advance` takes tokens that
+left the recent window -- except the first `sinks` -- out of the dense tier:
+  * allocator "fifo" (window / ada / quant): a page-size batch at a time, re-encoded whole into the policy's
+    old-token tier (pool 1), or dropped when there is none;
+  * allocator "rdr" (spherical / snapkv / h2o): every token outside sinks + window is (re)assigned a tier or
+    dropped by `skvrt.kv.rdr.assign`, jointly over all layers and heads, so that the arena -- the byte budget
+    -- is never exceeded; stored tokens are only ever demoted (re-encoded from the copy they have).
+So the dense tier holds sinks + between `window` and `window + batch - 1` recent tokens (+ the chunk being
+prefilled), and memory stays bounded between prefill chunks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import numpy as np
 
 from .. import ckernels
-from ..errors import ContextOverflowError
+from ..errors import ContextOverflowError, InputError
+from . import layout, rdr
 from .ada import AdaTier, split_bits
-from .attention import gather_dense, softmax_attend
+from .attention import softmax_attend
 from .pages import PAGE_SIZE, PageTable
-from .pool import TierPool
+from .pool import FrameArena, TierPool
 from .tiers import DenseTier
 
 DENSE = 0  # tier index of the dense tier
-OLD = 1  # tier index of the policy's old-token tier, when it has one
-MAX_CHUNK = 512  # largest forward() a compressing policy's dense pool is sized for
+OLD = 1  # tier index of the fifo policies' old-token tier, when they have one
+MAX_CHUNK = 512  # largest forward() a compressing policy's dense tier is sized for
+RDR_CHUNK = 64  # prefill chunk of the rdr policies (the dense tier holds one chunk inside the budget)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Policy:
     """What happens to tokens that leave the recent window. keep_all: full cache (nothing leaves)."""
 
     name: str = "full"
     sinks: int = 4
     window: int = 64
-    old_tier: object | None = None  # a tier from skvrt.kv.tiers, or None = drop
+    old_tiers: tuple = ()  # tiers for tokens that leave the window, richest first; () = drop (fifo)
     keep_all: bool = True
+    allocator: str = "fifo"  # "fifo" or "rdr" (see the module docstring)
+    utility: str = "mean"  # rdr: "mean" attention mass per observing query, "sum" (H2O), "prefill" (SnapKV)
+    distortion: np.ndarray | None = None  # rdr: (L, H, len(old_tiers)) relative distortion (drop = 1)
+    budget: str | int | float | None = None  # bytes (int), "25%", "64MiB", a fraction (float); None: no cap
+    obs: int = 32  # rdr: observation window, the last queries of each prefill chunk that score tokens
+    chunk: int | None = None  # largest forward() (default MAX_CHUNK; RDR_CHUNK for rdr)
+
+    @property
+    def old_tier(self):
+        return self.old_tiers[0] if self.old_tiers else None
+
+    @property
+    def max_chunk(self) -> int:
+        return self.chunk or (RDR_CHUNK if self.allocator == "rdr" else MAX_CHUNK)
+
+
+def parse_budget(budget, dense_fp16_bytes: int) -> int:
+    """'25%', '0.25', 0.25, '64MiB', '1.5GB', '123456' or an int -> bytes (of the dense fp16 KV bytes for
+    fractions)."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    if isinstance(budget, (int, np.integer)) and not isinstance(budget, bool):
+        return int(budget)
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise InputError(f"--kv-budget fraction must be in (0, 1], not {budget}")
+        return int(budget * dense_fp16_bytes)
+    s = str(budget).strip().lower().replace(" ", "")
+    try:
+        if s.endswith("%"):
+            return parse_budget(float(s[:-1]) / 100, dense_fp16_bytes)
+        for u, mult in units.items():
+            if s.endswith(u) and s[: -len(u)]:
+                return int(float(s[: -len(u)]) * mult)
+        x = float(s)
+    except ValueError:
+        raise InputError(f"bad --kv-budget {budget!r}: use a percentage of the fp16 KV cache (25%), a "
+                         f"fraction (0.25) or bytes (64MiB, 1.5GB, 123456)") from None
+    return parse_budget(x if x <= 1 else int(x), dense_fp16_bytes)
 
 
 def _logits(q: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -52,26 +98,66 @@ class PagedKVCache:
                  kv_dtype: str = "float16", page_size: int = PAGE_SIZE, policy: Policy = Policy()):
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.n_ctx = n_ctx
-        self.page_size = P = page_size
+        self.page_size = P = page_size  # tokens per page of the old-token tier (fifo) / dense tier (full)
         self.policy = policy
+        self.max_chunk = policy.max_chunk
         heads = n_layers * n_kv_heads
-        all_pages = math.ceil(n_ctx / P)
-        if policy.keep_all:
-            dense_pages = all_pages
-        else:  # sinks + window + one page being filled + a prefill chunk, each possibly page-misaligned
-            dense_pages = min(all_pages, math.ceil((policy.sinks + policy.window + P + MAX_CHUNK) / P) + 3)
-        self.pools: list[TierPool] = [TierPool(DenseTier(kv_dtype), heads * dense_pages, P, head_dim)]
-        if not policy.keep_all and policy.old_tier is not None:
-            self.pools.append(TierPool(policy.old_tier, heads * all_pages, P, head_dim))
-        self.table = PageTable(n_layers, n_kv_heads, all_pages + dense_pages)
+        D = head_dim
+        self.track_mass = policy.allocator == "rdr"
+        tiers = [DenseTier(kv_dtype), *policy.old_tiers]
+        # one frame = one page of the richest old tier at P tokens (of the dense tier without old tiers); the
+        # other tiers' pages hold as many tokens as fit a frame (fifo old tiers: exactly P, whole batches)
+        frame = max(layout.page_bytes(t, P, D, self.track_mass) for t in (policy.old_tiers or tiers[:1]))
+        sizes = [layout.tokens_per_frame(t, frame, D, self.track_mass) for t in tiers]
+        if policy.allocator == "fifo":
+            sizes[1:] = [P] * (len(tiers) - 1)
+            if len(tiers) == 1:
+                sizes[DENSE] = P
+        if min(sizes) < 1:
+            raise ValueError(f"a page frame of {frame} bytes cannot hold a token of every tier")
+        self.batch = sizes[DENSE] if policy.allocator == "rdr" else P  # tokens leaving the window at once
+        Pd = sizes[DENSE]
+        self.dense_fp16_bytes = n_ctx * heads * 2 * D * 2
+        if policy.budget is not None:
+            self.budget = parse_budget(policy.budget, self.dense_fp16_bytes)
+            n_frames = self.budget // (frame + layout.FILL_BYTES)
+            per_head_min = math.ceil((policy.sinks + policy.window + self.batch + 1) / Pd) + 2
+            if n_frames < heads * per_head_min:
+                need = heads * per_head_min * (frame + layout.FILL_BYTES)
+                raise InputError(f"--kv-budget {policy.budget} ({self.budget:,} bytes) is smaller than the "
+                                 f"{policy.name} policy's sinks + recent window need: at least {need:,} bytes "
+                                 f"({need / self.dense_fp16_bytes:.1%} of the fp16 cache at n_ctx {n_ctx}); "
+                                 f"raise the budget or lower window=")
+            # a prefill chunk must fit next to the pinned tokens once every old token is dropped
+            room = (n_frames // heads - 2) * Pd - (policy.sinks + policy.window + self.batch)
+            self.max_chunk = max(1, min(self.max_chunk, room))
+        else:
+            self.budget = None
+            if policy.allocator == "rdr":
+                raise InputError(f"--kv-policy {policy.name} needs a --kv-budget (e.g. 25%)")
+            dense_need = (math.ceil(n_ctx / Pd) if policy.keep_all else
+                          math.ceil((policy.sinks + policy.window + self.batch + self.max_chunk) / Pd) + 2)
+            old_need = math.ceil(n_ctx / sizes[OLD]) if policy.old_tiers and not policy.keep_all else 0
+            n_frames = heads * (dense_need + old_need)
+        self.arena = FrameArena(n_frames, frame)
+        self.pools: list[TierPool] = [TierPool(t, page_size=sz, head_dim=D, arena=self.arena, index=i,
+                                               track_mass=self.track_mass) for i, (t, sz) in enumerate(zip(tiers, sizes))]
+        max_pages = min(n_frames, sum(math.ceil(n_ctx / sz) + 2 for sz in sizes))
+        self.table = PageTable(n_layers, n_kv_heads, max_pages)
         self.offset = 0  # tokens committed (the next token's position)
         self.n_old = 0  # tokens moved out of the dense tier: positions [sinks, sinks + n_old)
         self.scale = head_dim ** -0.5
         self.use_c = ckernels.lib() is not None  # decode steps through the C kernels; NumPy twins otherwise
-        self._ada_bits = None  # (angle bits, radius bits) (L, H, D/2) uint8 for the C ADA kernel
-        if isinstance(policy.old_tier, AdaTier):
-            ba, br = split_bits(policy.old_tier.pair_bits)
-            self._ada_bits = (np.ascontiguousarray(ba, np.uint8), np.ascontiguousarray(br, np.uint8))
+        self._ada_bits = {}  # pool index -> (angle bits, radius bits) (L, H, D/2) uint8 for the C kernels
+        for i, t in enumerate(tiers):
+            if isinstance(t, AdaTier):
+                ba, br = split_bits(t.pair_bits)
+                self._ada_bits[i] = (np.ascontiguousarray(ba, np.uint8), np.ascontiguousarray(br, np.uint8))
+        self._c_decode = all(isinstance(t, (DenseTier, AdaTier)) for t in tiers)
+        self._obs = []  # positions of the queries whose attention was added to `mass` (sorted)
+        self._pending_obs = []  # this forward's observers, recorded by attend(layer 0), committed by advance
+        self.allocator_seconds = 0.0  # time spent in rdr.assign + applying its plans (reported by bench)
+        self.allocator_runs = 0
 
     @classmethod
     def for_model(cls, args, n_ctx: int | None = None, kv_dtype: str = "float16", **kw) -> "PagedKVCache":
@@ -87,10 +173,12 @@ class PagedKVCache:
             raise ContextOverflowError(
                 f"context full: {self.offset} cached + {T} new tokens > n_ctx {self.n_ctx}"
             )
-        if not self.policy.keep_all and T > MAX_CHUNK:
-            raise ValueError(f"forward chunks must be <= {MAX_CHUNK} tokens under the {self.policy.name} policy")
+        if not self.policy.keep_all and T > self.max_chunk:
+            raise ValueError(f"forward chunks must be <= {self.max_chunk} tokens under the {self.policy.name} policy")
         pool = self.pools[DENSE]
-        P = self.page_size
+        P = pool.page_size
+        if layer == 0 and self.policy.allocator == "rdr":
+            self._make_room(T)
         positions = np.arange(self.offset, self.offset + T, dtype=np.int32)
         for h in range(H):
             t = 0
@@ -109,22 +197,31 @@ class PagedKVCache:
 
     def advance(self, n_tokens: int) -> None:
         self.offset += n_tokens
+        if self._pending_obs:
+            self._obs.extend(self._pending_obs)
+            self._pending_obs = []
         p = self.policy
         if p.keep_all:
             return
-        P = self.page_size
-        while self.offset - p.window - p.sinks - self.n_old >= P:
+        if p.allocator == "rdr":
+            n_leave = self.offset - p.window - p.sinks - self.n_old
+            if n_leave >= self.batch:
+                lo = p.sinks + self.n_old
+                self._rebalance(lo, lo + n_leave)
+                self.n_old += n_leave
+            return
+        while self.offset - p.window - p.sinks - self.n_old >= self.batch:
             lo = p.sinks + self.n_old
             for layer in range(self.n_layers):
                 for h in range(self.n_kv_heads):
-                    self._move_old(layer, h, lo, lo + P)
-            self.n_old += P
+                    self._move_old(layer, h, lo, lo + self.batch)
+            self.n_old += self.batch
 
-    def _move_old(self, layer: int, h: int, lo: int, hi: int) -> None:
-        """Take positions [lo, hi) out of the dense pages of (layer, h): encode them into one page of the
-        old-token tier, or drop them. Emptied dense pages go back to the pool."""
+    def _take_dense(self, layer: int, h: int, lo: int, hi: int):
+        """Remove positions [lo, hi) from the dense pages of (layer, h) -> their k, v (n, D) float32, positions
+        (n,) and mass (n,) (or None), in position order. Emptied pages go back to the arena."""
         dense = self.pools[DENSE]
-        ks, vs, ps = [], [], []
+        ks, vs, ps, ms = [], [], [], []
         i = 0
         while i < self.table.n_pages[layer, h]:
             if self.table.page_tiers[layer, h, i] != DENSE:
@@ -138,22 +235,258 @@ class PagedKVCache:
                 k, v = dense.tier.read(dense.data, np.array([pid]))
                 ks.append(k[0, :f][take])
                 vs.append(v[0, :f][take])
-                ps.append(pos[take])
+                ps.append(pos[take].copy())
+                if dense.mass is not None:
+                    ms.append(dense.mass[pid, :f][take].copy())
                 if take.all():
                     dense.free(pid)
                     self.table.remove(layer, h, i)
                     continue
                 dense.compact(pid, ~take)
             i += 1
-        if self.policy.old_tier is None or not ps:
+        D = self.head_dim
+        if not ps:
+            return np.zeros((0, D), np.float32), np.zeros((0, D), np.float32), np.zeros(0, np.int32), None
+        order = np.argsort(np.concatenate(ps), kind="stable")
+        mass = np.concatenate(ms)[order] if ms else None
+        return (np.concatenate(ks)[order], np.concatenate(vs)[order], np.concatenate(ps)[order], mass)
+
+    def _move_old(self, layer: int, h: int, lo: int, hi: int) -> None:
+        """fifo: take positions [lo, hi) out of the dense pages of (layer, h): encode them into one page of
+        the old-token tier, or drop them."""
+        k, v, pos, _ = self._take_dense(layer, h, lo, hi)
+        if not self.policy.old_tiers or not len(pos):
             return
         old = self.pools[OLD]
         pid = old.alloc()
-        k, v, pos = np.concatenate(ks), np.concatenate(vs), np.concatenate(ps)
         old.tier.write_page(old.data, pid, k, v, (layer, h))
         old.positions[pid, : len(pos)] = pos
         old.fill[pid] = len(pos)
         self.table.push(layer, h, pid, OLD)
+
+    # ---- rdr: budgeted allocation ---------------------------------------------------------------------
+
+    def _dense_frames_after(self, extra_tokens: int) -> int:
+        """Frames the dense tier needs to hold what it has + `extra_tokens` per (layer, head) (upper bound)."""
+        P = self.pools[DENSE].page_size
+        n_dense = self.offset - self.n_old  # sinks + window tokens per (layer, head)
+        return self.n_layers * self.n_kv_heads * (math.ceil((n_dense + extra_tokens) / P) + 2)
+
+    def _make_room(self, T: int) -> None:
+        """Before a forward of T tokens: compress old tokens until the dense tier can take the chunk."""
+        need = self._dense_frames_after(T)
+        dense_now = self.pools[DENSE].n_used
+        if self.arena.n_free >= need - dense_now:
+            return
+        self._rebalance(None, None, reserve_extra=T)
+
+    def _old_capacity(self, extra_tokens: int) -> int:
+        """Frames the old tiers may use: the arena minus what the dense tier needs with `extra_tokens` more."""
+        return self.arena.n_frames - self._dense_frames_after(extra_tokens)
+
+    def utilities(self, pos: np.ndarray, mass: np.ndarray) -> np.ndarray:
+        """Utility of tokens at positions pos (n,) with accumulated attention mass (n,)."""
+        if self.policy.utility == "mean":
+            obs = np.asarray(self._obs, np.int64)
+            n_obs = len(obs) - np.searchsorted(obs, pos, side="left")  # observing queries at or after pos
+            return mass / np.maximum(n_obs, 1)
+        return mass.astype(np.float64)
+
+    def _rebalance(self, lo: int | None, hi: int | None, reserve_extra: int = 1) -> None:
+        """Assign every token outside sinks + window -- the ones leaving now ([lo, hi)) and the ones already
+        in old tiers -- a tier or drop (rdr.assign), then apply: demote / drop, merge partly filled pages, and
+        write the leaving tokens into their tiers. Never needs more frames than the arena has."""
+        t0 = time.perf_counter()
+        L, H = self.n_layers, self.n_kv_heads
+        # candidates: leaving tokens (current tier 0) and stored old tokens
+        leaving = {}
+        cand_lh, cand_cur, cand_pos, cand_mass = [], [], [], []
+        for layer in range(L):
+            for h in range(H):
+                lh = layer * H + h
+                if lo is not None:
+                    k, v, pos, mass = self._take_dense(layer, h, lo, hi)
+                    leaving[lh] = (k, v, pos)
+                    cand_lh.append(np.full(len(pos), lh))
+                    cand_cur.append(np.zeros(len(pos), np.int64))
+                    cand_pos.append(pos)
+                    cand_mass.append(mass if mass is not None else np.zeros(len(pos)))
+                ids, tiers = self.table.pages(layer, h)
+                for pid, t in zip(ids, tiers):
+                    if t == DENSE:
+                        continue
+                    pool, f = self.pools[t], int(self.arena.fill[pid])
+                    cand_lh.append(np.full(f, lh))
+                    cand_cur.append(np.full(f, int(t)))
+                    cand_pos.append(pool.positions[pid, :f].copy())
+                    cand_mass.append(pool.mass[pid, :f].astype(np.float64))
+        lh_all = np.concatenate(cand_lh) if cand_lh else np.zeros(0, np.int64)
+        cur = np.concatenate(cand_cur) if cand_cur else np.zeros(0, np.int64)
+        pos = np.concatenate(cand_pos) if cand_pos else np.zeros(0, np.int32)
+        mass = np.concatenate(cand_mass) if cand_mass else np.zeros(0)
+        util = rdr.pool_neighbours(lh_all, pos, self.utilities(pos, mass))
+        dist = self._distortion()  # (L*H, n_old_tiers)
+        sizes = np.array([p.page_size for p in self.pools[1:]])
+        capacity = self._old_capacity(reserve_extra)
+        choice = rdr.assign(lh_all, cur, util, dist, sizes, capacity, L * H)
+        self._apply(lh_all, cur, pos, mass, choice, leaving)
+        self.allocator_seconds += time.perf_counter() - t0
+        self.allocator_runs += 1
+        if self.arena.n_free < self._dense_frames_after(reserve_extra) - self.pools[DENSE].n_used:
+            raise ContextOverflowError("KV budget allocator could not make room (internal error)")
+
+    def _distortion(self) -> np.ndarray:
+        L, H = self.n_layers, self.n_kv_heads
+        n = len(self.pools) - 1
+        d = self.policy.distortion
+        if d is None:
+            return np.zeros((L * H, n))
+        return np.asarray(d, np.float64).reshape(L * H, n)
+
+    def _apply(self, lh_all, cur, pos, mass, choice, leaving) -> None:
+        """Carry out a plan: choice[i] = new tier of candidate i (1.. old tiers, len(pools) = drop)."""
+        L, H = self.n_layers, self.n_kv_heads
+        drop = len(self.pools)
+        moves = {}  # (lh, tier) -> list of (k, v, pos, mass) to write into that tier
+        # 1. take every changing stored token out of its page (best copy first); free emptied pages
+        changing = (choice != cur) & (cur > 0)
+        for lh in np.unique(lh_all[changing]):
+            layer, h = divmod(int(lh), H)
+            sel = np.nonzero(changing & (lh_all == lh))[0]
+            gone = {(int(c), int(p)): int(t) for c, p, t in zip(cur[sel], pos[sel], choice[sel])}
+            i = 0
+            while i < self.table.n_pages[layer, h]:
+                t = int(self.table.page_tiers[layer, h, i])
+                if t == DENSE:
+                    i += 1
+                    continue
+                pid = int(self.table.page_ids[layer, h, i])
+                pool, f = self.pools[t], int(self.arena.fill[pid])
+                ppos = pool.positions[pid, :f]
+                dest = np.array([gone.get((t, int(p)), -1) for p in ppos])
+                out = dest >= 0
+                if not out.any():
+                    i += 1
+                    continue
+                keep_moving = out & (dest != drop)
+                if keep_moving.any():
+                    k, v = self._read_page(t, pid, f, (layer, h))
+                    for tgt in np.unique(dest[keep_moving]):
+                        m = dest == tgt
+                        moves.setdefault((int(lh), int(tgt)), []).append(
+                            (k[m], v[m], ppos[m].copy(), pool.mass[pid, :f][m].astype(np.float32)))
+                if out.all():
+                    pool.free(pid)
+                    self.table.remove(layer, h, i)
+                    continue
+                pool.compact(pid, ~out)
+                i += 1
+        # 2. leaving tokens to their tiers
+        start = 0
+        order_lh = lh_all[cur == 0]
+        ch0, m0 = choice[cur == 0], mass[cur == 0]
+        for lh in range(L * H):
+            if lh not in leaving:
+                continue
+            k, v, p = leaving[lh]
+            n = len(p)
+            c, m = ch0[start : start + n], m0[start : start + n]
+            assert (order_lh[start : start + n] == lh).all()
+            start += n
+            for tgt in np.unique(c):
+                if tgt == drop:
+                    continue
+                sel = c == tgt
+                moves.setdefault((lh, int(tgt)), []).append((k[sel], v[sel], p[sel], m[sel].astype(np.float32)))
+        # 3. per (layer, head, tier): empty every partly filled page but the fullest (all of them first, so
+        # nothing is allocated while pages still wait to be freed), then write the moves after it
+        todo = []
+        for lh in range(L * H):
+            layer, h = divmod(lh, H)
+            for t in range(1, len(self.pools)):
+                if (lh, t) in moves or self._n_partial(layer, h, t) > 1:
+                    todo.append((layer, h, t, self._collect_partials(layer, h, t) + moves.get((lh, t), [])))
+        for layer, h, t, items in todo:
+            self._write_tokens(layer, h, t, items)
+
+    def _n_partial(self, layer: int, h: int, t: int) -> int:
+        ids, tiers = self.table.pages(layer, h)
+        P = self.pools[t].page_size
+        return int(sum(1 for pid, tt in zip(ids, tiers) if tt == t and self.arena.fill[pid] < P))
+
+    def _read_page(self, t: int, pid: int, f: int, lh) -> tuple[np.ndarray, np.ndarray]:
+        """Best copy of a page's first f tokens: k, v (f, D) float32."""
+        pool = self.pools[t]
+        if isinstance(pool.tier, DenseTier):
+            k, v = pool.tier.read(pool.data, np.array([pid]))
+            return k[0, :f], v[0, :f]
+        if self.use_c and t in self._ada_bits:
+            ba, br = self._ada_bits[t]
+            k, v = ckernels.ada_decode_pages(pool, np.array([pid]), ba[lh], br[lh])
+            return k[0, :f], v[0, :f]
+        return pool.tier.read_tokens(pool.data, pid, f, lh)
+
+    def _open_page(self, layer: int, h: int, t: int) -> int:
+        """The fullest partly filled page of tier t for (layer, h), or -1."""
+        ids, tiers = self.table.pages(layer, h)
+        P = self.pools[t].page_size
+        best = [(int(self.arena.fill[pid]), int(pid)) for pid, tt in zip(ids, tiers)
+                if tt == t and self.arena.fill[pid] < P]
+        return max(best)[1] if best else -1
+
+    def _collect_partials(self, layer: int, h: int, t: int) -> list:
+        """Read and free every partly filled page of tier t of (layer, h) except the fullest -> their tokens
+        [(k, v, pos, mass)] (best copies)."""
+        pool = self.pools[t]
+        keep = self._open_page(layer, h, t)
+        items = []
+        i = 0
+        while i < self.table.n_pages[layer, h]:
+            pid = int(self.table.page_ids[layer, h, i])
+            f = int(self.arena.fill[pid])
+            if self.table.page_tiers[layer, h, i] != t or pid == keep or f == pool.page_size:
+                i += 1
+                continue
+            k, v = self._read_page(t, pid, f, (layer, h))
+            items.append((k, v, pool.positions[pid, :f].copy(), pool.mass[pid, :f].copy()))
+            pool.free(pid)
+            self.table.remove(layer, h, i)
+        return items
+
+    def _write_tokens(self, layer: int, h: int, t: int, items: list) -> None:
+        """Append tokens [(k, v, pos, mass)] to (layer, h)'s open page of tier t, then to new pages."""
+        if not items:
+            return
+        pool = self.pools[t]
+        P = pool.page_size
+        k = np.concatenate([x[0] for x in items])
+        v = np.concatenate([x[1] for x in items])
+        pos = np.concatenate([x[2] for x in items])
+        mass = np.concatenate([x[3] for x in items])
+        order = np.argsort(pos, kind="stable")
+        k, v, pos, mass = k[order], v[order], pos[order], mass[order]
+        pid = self._open_page(layer, h, t)
+        s = 0
+        while s < len(pos):
+            if pid < 0 or self.arena.fill[pid] == P:
+                pid = pool.alloc()
+                self.table.push(layer, h, pid, t)
+            f = int(self.arena.fill[pid])
+            n = min(P - f, len(pos) - s)
+            self._write(t, pid, f, k[s : s + n], v[s : s + n], (layer, h))
+            pool.positions[pid, f : f + n] = pos[s : s + n]
+            pool.mass[pid, f : f + n] = mass[s : s + n]
+            self.arena.fill[pid] = f + n
+            s += n
+
+    def _write(self, t: int, pid: int, f: int, k, v, lh) -> None:
+        pool = self.pools[t]
+        if isinstance(pool.tier, DenseTier):
+            pool.tier.write(pool.data, pid, f, k, v)
+        elif f == 0:
+            pool.tier.write_page(pool.data, pid, k, v, lh)
+        else:
+            pool.tier.append(pool.data, pid, f, k, v, lh)
 
     # ---- reading -------------------------------------------------------------------------------------
 
@@ -161,48 +494,69 @@ class PagedKVCache:
         """q: (nq, T, D) post-RoPE queries at q_positions (T,) -> (nq, T, D) attention outputs (GQA)."""
         nq, T, D = q.shape
         G = nq // self.n_kv_heads
-        if T == 1 and self.use_c and len(self.pools) == 1:
+        observe = self.track_mass and (T > 1 or self.policy.utility != "prefill")
+        n_obs = min(T, self.policy.obs) if observe else 0
+        if layer == 0 and n_obs:
+            self._pending_obs.extend(int(x) for x in q_positions[T - n_obs :])
+        if T == 1 and self.use_c and self._c_decode:
             out = np.empty((nq, D), dtype=np.float32)
-            ckernels.dense_decode(np.ascontiguousarray(q[:, 0], dtype=np.float32), self.pools[DENSE],
-                                  self.table.page_ids[layer], self.table.n_pages[layer], self.scale, out)
-            return out[:, None, :]
-        if T == 1 and self.use_c and self._ada_bits is not None:  # decode over dense + ADA pages, from codes
-            out = np.empty((nq, D), dtype=np.float32)
-            ba, br = self._ada_bits
-            ckernels.mixed_decode(np.ascontiguousarray(q[:, 0], dtype=np.float32), self.pools[DENSE],
-                                  self.pools[OLD], self.table.page_ids[layer], self.table.page_tiers[layer],
-                                  self.table.n_pages[layer], ba[layer], br[layer], self.scale, out)
+            qc = np.ascontiguousarray(q[:, 0], dtype=np.float32)
+            t = self.table
+            if len(self.pools) == 1:
+                ckernels.dense_decode(qc, self.pools[DENSE], t.page_ids[layer], t.n_pages[layer], self.scale, out,
+                                      with_mass=bool(n_obs))
+            else:
+                descs = [ckernels.tier_desc(p, layer, self._ada_bits.get(i), with_mass=bool(n_obs))
+                         for i, p in enumerate(self.pools)]
+                ckernels.paged_decode(qc, descs, self.arena.fill, t.page_ids[layer], t.page_tiers[layer],
+                                      t.n_pages[layer], self.scale, out)
             return out[:, None, :]
         out = np.empty_like(q)
         for h in range(self.n_kv_heads):
             qh = q[h * G : (h + 1) * G]
-            scores, values, kpos = self._scores(layer, h, qh)
+            scores, values, kpos, where = self._scores(layer, h, qh)
             out[h * G : (h + 1) * G] = softmax_attend(scores, values, kpos, q_positions)
+            if n_obs:
+                self._add_mass(scores[:, T - n_obs :], kpos, q_positions[T - n_obs :], where)
         return out
 
-    def _scores(self, layer: int, h: int, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """NumPy twin over every tier of (layer, h): q (G, T, D) -> scaled logits (G, T, N), V (N, D), pos (N,).
-        Tiers with a `scores` method (ADA) compute logits from their codes; others return keys to dot with."""
+    def _add_mass(self, scores: np.ndarray, kpos: np.ndarray, qpos: np.ndarray, where) -> None:
+        """Add the softmax weights of the observing queries (scores (G, n_obs, N)), summed over queries and the
+        G heads, to the mass of the key slots `where` lists [(pool, pids, valid (n, P))] in key order."""
+        s = np.where(kpos[None, None, :] > qpos[None, :, None], -np.inf, scores)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        m = p.sum(axis=(0, 1))  # (N,)
+        o = 0
+        for pool, pids, valid in where:
+            rows, slots = np.nonzero(valid)
+            pool.mass[pids[rows], slots] += m[o : o + len(rows)]
+            o += len(rows)
+
+    def _scores(self, layer: int, h: int, q: np.ndarray):
+        """NumPy twin over every tier of (layer, h): q (G, T, D) -> scaled logits (G, T, N), V (N, D), pos (N,),
+        and where the N keys live [(pool, pids (n,), valid (n, P))] in key order. Tiers with a `scores` method
+        (ADA) compute logits from their codes; others return keys to dot with."""
         ids, tiers = self.table.pages(layer, h)
-        parts = []
+        parts, where = [], []
         for t, pool in enumerate(self.pools):
             pids = ids[tiers == t]
             if not len(pids):
                 continue
-            if t == DENSE:
-                k, v, pos = gather_dense(pool, pids)
-                parts.append((_logits(q, k) * np.float32(self.scale), v, pos))
-                continue
-            valid = np.arange(self.page_size)[None, :] < pool.fill[pids][:, None]  # (n, P)
+            valid = np.arange(pool.page_size)[None, :] < pool.fill[pids][:, None]  # (n, P)
             pos = pool.positions[pids][valid]
-            if hasattr(pool.tier, "scores") and q.shape[1] <= 8:  # decode: logits from the codes (LUT twin)
+            where.append((pool, pids, valid))
+            if isinstance(pool.tier, DenseTier):
+                k, v = pool.tier.read(pool.data, pids)
+                parts.append((_logits(q, k[valid]) * np.float32(self.scale), v[valid], pos))
+            elif hasattr(pool.tier, "scores") and q.shape[1] <= 8:  # decode: logits from the codes (LUT twin)
                 s = pool.tier.scores(pool.data, pids, q, (layer, h), self.scale)  # (G, T, n, P)
                 parts.append((s[:, :, valid], pool.tier.read_values(pool.data, pids)[valid], pos))
             elif hasattr(pool.tier, "scores"):
                 # prefill chunk: the same logits as a GEMM over keys decoded transiently for this (layer, head)
                 # (a (chunk x N) LUT gather costs ~50x more in NumPy; decode steps never take this path)
-                if self.use_c and self._ada_bits is not None:
-                    ba, br = self._ada_bits
+                if self.use_c and t in self._ada_bits:
+                    ba, br = self._ada_bits[t]
                     k, v = ckernels.ada_decode_pages(pool, pids, ba[layer, h], br[layer, h])
                 else:
                     k, v = pool.tier.decode_keys(pool.data, pids, (layer, h)), pool.tier.read_values(pool.data, pids)
@@ -212,9 +566,9 @@ class PagedKVCache:
                 parts.append((_logits(q, k[valid]) * np.float32(self.scale), v[valid], pos))
         if not parts:
             G, T, D = q.shape
-            return np.zeros((G, T, 0), np.float32), np.zeros((0, D), np.float32), np.zeros(0, np.int32)
+            return np.zeros((G, T, 0), np.float32), np.zeros((0, D), np.float32), np.zeros(0, np.int32), []
         return (np.concatenate([p[0] for p in parts], axis=-1), np.concatenate([p[1] for p in parts]),
-                np.concatenate([p[2] for p in parts]))
+                np.concatenate([p[2] for p in parts]), where)
 
     # ---- editing -------------------------------------------------------------------------------------
 
@@ -222,6 +576,7 @@ class PagedKVCache:
         """Forget every token at position >= n_tokens (keeps the common prefix for chat turns / regen).
 
         truncate(offset) removes what an interrupted forward pass appended without committing."""
+        self._pending_obs = []
         if n_tokens > self.offset:
             return
         for layer in range(self.n_layers):
@@ -241,29 +596,44 @@ class PagedKVCache:
                     i += 1
         self.offset = n_tokens
         self.n_old = max(0, min(self.n_old, n_tokens - self.policy.sinks))
+        self._obs = [x for x in self._obs if x < n_tokens]
 
     def reset(self) -> None:
         self.truncate(0)
 
     # ---- accounting ----------------------------------------------------------------------------------
 
-    def stats(self) -> dict:
-        """Real allocations: pages in use and their bytes (metadata included), and the preallocated pool."""
-        used = sum(p.n_used * p.page_bytes for p in self.pools)
-        capacity = sum(p.n_pages * p.page_bytes for p in self.pools)
+    def stats(self, per_head: bool = False) -> dict:
+        """Real allocations: pages in use and their bytes (frame + fill count), and the preallocated arena.
+        per_head: also bytes per (layer, kv head) (L, H) and tokens per tier."""
+        page = self.arena.frame_bytes + layout.FILL_BYTES
+        used = sum(p.n_used for p in self.pools) * page
         dense_fp16 = self.offset * self.n_layers * self.n_kv_heads * 2 * self.head_dim * 2
-        return {
+        out = {
             "policy": self.policy.name,
             "tokens": self.offset,
             "n_ctx": self.n_ctx,
             "pages_used": sum(p.n_used for p in self.pools),
-            "pages_total": sum(p.n_pages for p in self.pools),
+            "pages_total": self.arena.n_frames,
             "pages_by_tier": {p.tier.name: p.n_used for p in self.pools},
+            "page_tokens_by_tier": {p.tier.name: p.page_size for p in self.pools},
             "bytes_used": used,
-            "bytes_pool": capacity,
+            "bytes_pool": self.arena.nbytes,
+            "budget": self.budget,
             "bytes_per_token": used / self.offset if self.offset else 0.0,
             "fraction_of_fp16": used / dense_fp16 if dense_fp16 else 0.0,
         }
+        if per_head:
+            L, H = self.n_layers, self.n_kv_heads
+            out["bytes_per_head"] = (self.table.n_pages.astype(np.int64) * page).tolist()
+            tok = {p.tier.name: 0 for p in self.pools}
+            for layer in range(L):
+                for h in range(H):
+                    ids, tiers = self.table.pages(layer, h)
+                    for pid, t in zip(ids, tiers):
+                        tok[self.pools[t].tier.name] += int(self.arena.fill[pid])
+            out["tokens_by_tier"] = tok
+        return out
 
     def bytes_per_token_full(self) -> int:
         """Dense payload bytes per token across all layers and heads (K and V)."""

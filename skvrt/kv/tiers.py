@@ -1,7 +1,8 @@
 """Storage tiers: how one page of P tokens of one (layer, kv head) is stored, and the NumPy codecs.
 
-Every tier stores whole pages; `alloc(n_pages, P, D)` returns its preallocated arrays and `page_bytes`
-counts every byte a page holds (payload, per-page and per-token scales, fill count, positions).
+A tier describes one page of P tokens as `fields(P, D)`: [(name, dtype, per-page shape)] ("P" = the page's
+token count); pools lay them out inside arena frames (skvrt.kv.pool, skvrt.kv.layout). `page_bytes(P, D)`
+counts every byte such a page holds (payload, per-page and per-token scales, positions, fill count).
 
     DenseTier(dtype)         k, v (N, P, D) float16 / float32 as they are
     QuantTier(k_bits, v_bits, v_group)
@@ -18,23 +19,31 @@ import dataclasses
 
 import numpy as np
 
-POSITION_BYTES = 4  # int32 position per slot (page metadata)
-FILL_BYTES = 4  # int32 fill count per page
+from . import layout
+
+
+class _Tier:
+    """What every tier shares: plain arrays for its fields, and bytes per page."""
+
+    def alloc(self, n_pages: int, P: int, D: int) -> dict[str, np.ndarray]:
+        """Contiguous arrays (n_pages, ...) of the tier's fields (codec tests, calibration reports)."""
+        return layout.alloc_arrays(self, n_pages, P, D)
+
+    def page_bytes(self, P: int, D: int, track_mass: bool = False) -> int:
+        """Bytes of one page of P tokens: fields + positions (+ mass) + its fill count."""
+        return layout.page_bytes(self, P, D, track_mass) + layout.FILL_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
-class DenseTier:
+class DenseTier(_Tier):
     dtype: str = "float16"
 
     @property
     def name(self) -> str:
         return "dense" if self.dtype == "float16" else f"dense-{self.dtype}"
 
-    def alloc(self, n_pages: int, P: int, D: int) -> dict[str, np.ndarray]:
-        return {"k": np.zeros((n_pages, P, D), self.dtype), "v": np.zeros((n_pages, P, D), self.dtype)}
-
-    def page_bytes(self, P: int, D: int) -> int:
-        return 2 * P * D * np.dtype(self.dtype).itemsize + FILL_BYTES + POSITION_BYTES * P
+    def fields(self, P, D):
+        return [("k", self.dtype, ("P", D)), ("v", self.dtype, ("P", D))]
 
     def bytes_per_token(self, D: int) -> int:
         return 2 * D * np.dtype(self.dtype).itemsize
@@ -48,6 +57,13 @@ class DenseTier:
         return data["k"][pids].astype(np.float32), data["v"][pids].astype(np.float32)
 
     per_slot = ("k", "v")  # arrays indexed [pid, slot]: what compaction moves
+
+
+def value_fields(D: int, v_bits: int, v_group: int) -> list:
+    """The value codec's fields: per-token groups of v_group dims, codes + float16 min / scale per group."""
+    ng = D // v_group
+    return [("v_codes", "uint8", ("P", D * v_bits // 8)), ("v_min", "float16", ("P", ng)),
+            ("v_scale", "float16", ("P", ng))]
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -82,7 +98,7 @@ def quantize(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantTier:
+class QuantTier(_Tier):
     k_bits: int = 4
     v_bits: int = 4
     v_group: int = 32
@@ -96,23 +112,11 @@ class QuantTier:
     def name(self) -> str:
         return f"quant-k{self.k_bits}v{self.v_bits}"
 
-    def alloc(self, n_pages: int, P: int, D: int) -> dict[str, np.ndarray]:
+    def fields(self, P, D):
         if D % self.v_group:
             raise ValueError(f"v_group {self.v_group} does not divide head_dim {D}")
-        ng = D // self.v_group
-        return {
-            "k_codes": np.zeros((n_pages, P, D * self.k_bits // 8), np.uint8),
-            "k_min": np.zeros((n_pages, D), np.float16),
-            "k_scale": np.zeros((n_pages, D), np.float16),
-            "v_codes": np.zeros((n_pages, P, D * self.v_bits // 8), np.uint8),
-            "v_min": np.zeros((n_pages, P, ng), np.float16),
-            "v_scale": np.zeros((n_pages, P, ng), np.float16),
-        }
-
-    def page_bytes(self, P: int, D: int) -> int:
-        k = P * D * self.k_bits // 8 + 2 * D * 2
-        v = P * D * self.v_bits // 8 + P * (D // self.v_group) * 2 * 2
-        return k + v + FILL_BYTES + POSITION_BYTES * P
+        return [("k_codes", "uint8", ("P", D * self.k_bits // 8)), ("k_min", "float16", (D,)),
+                ("k_scale", "float16", (D,)), *value_fields(D, self.v_bits, self.v_group)]
 
     per_slot = ("k_codes", "v_codes", "v_min", "v_scale")
 

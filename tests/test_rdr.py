@@ -1,0 +1,251 @@
+"""RDR: the allocator (skvrt.kv.rdr) against brute force, and the budgeted policies (spherical, snapkv, h2o)
+under random use (hypothesis): budget never exceeded at any step, no page leaked, no token stored twice,
+pages tier-homogeneous, dropped tokens never read, pinned tokens never demoted, deterministic."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skvrt import ckernels
+from skvrt.calibrate import Calibration
+from skvrt.errors import InputError
+from skvrt.kv import make_policy, rdr
+from skvrt.kv.attention import attend_dense
+from skvrt.kv.cache import DENSE, PagedKVCache, parse_budget
+
+# ---- the allocator alone ---------------------------------------------------------------------------------
+
+
+def brute_force(lh, cur, util, dist, sizes, capacity, n_lh):
+    """Minimum of sum util * distortion over every assignment that fits (tiny cases)."""
+    T = len(sizes)
+    d = np.concatenate([dist, np.ones((n_lh, 1))], axis=1)
+    best = np.inf
+    for combo in itertools.product(range(1, T + 2), repeat=len(lh)):
+        c = np.array(combo)
+        if (c < np.maximum(cur, 1)).any() or rdr.frames_needed(lh, c, sizes, n_lh) > capacity:
+            continue
+        best = min(best, float((util * d[lh, c - 1]).sum()))
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 7), st.integers(0, 6))
+def test_assign_fits_and_is_near_optimal(seed, n, capacity):
+    rng = np.random.default_rng(seed)
+    n_lh, sizes = 2, np.array([2, 3])
+    lh = rng.integers(0, n_lh, n)
+    cur = rng.integers(0, 3, n)
+    util = rng.exponential(1, n)
+    dist = np.sort(rng.uniform(0, 1, (n_lh, 2)), axis=1)  # richer tier -> lower distortion
+    got = rdr.assign(lh, cur, util, dist, sizes, capacity, n_lh)
+    assert (got >= np.maximum(cur, 1)).all(), "a token was promoted"
+    assert rdr.frames_needed(lh, got, sizes, n_lh) <= capacity
+    assert (got == rdr.assign(lh, cur, util, dist, sizes, capacity, n_lh)).all()  # deterministic
+    d = np.concatenate([dist, np.ones((n_lh, 1))], axis=1)
+    cost = float((util * d[lh, got - 1]).sum())
+    opt = brute_force(lh, cur, util, dist, sizes, capacity, n_lh)
+    # the Lagrangian solution is optimal up to the integrality of pages: never worse than dropping one more
+    # token's worth of each (layer-head, tier) page remainder; in practice equal on most draws
+    assert cost <= opt + util.sum() * 0.75 + 1e-9
+
+
+def test_assign_prefers_high_utility_and_spends_the_budget():
+    n_lh, sizes = 1, np.array([4])
+    util = np.array([5.0, 0.1, 3.0, 0.2, 4.0, 0.3, 2.0, 0.01])
+    lh, cur = np.zeros(8, np.int64), np.zeros(8, np.int64)
+    got = rdr.assign(lh, cur, util, np.zeros((1, 1)), sizes, 1, n_lh)  # room for 4 tokens
+    assert sorted(np.nonzero(got == 1)[0]) == [0, 2, 4, 6]
+
+
+def test_pool_neighbours_is_a_max_filter_per_head():
+    lh = np.array([0, 0, 0, 0, 0, 1, 1])
+    pos = np.array([4, 0, 1, 2, 3, 0, 9])
+    u = np.array([0.0, 0.0, 9.0, 0.0, 0.0, 1.0, 0.0])
+    got = rdr.pool_neighbours(lh, pos, u, radius=1)
+    # head 0 in position order: 0 9 0 0 0 -> 9 9 9 0 0; head 1 separate: 1 0 -> 1 1
+    assert got.tolist() == [0.0, 9.0, 9.0, 9.0, 0.0, 1.0, 1.0]
+
+
+# ---- budgeted caches under random use --------------------------------------------------------------------
+
+L, H, D = 2, 2, 64
+
+
+def calibration(rng):
+    return Calibration(rng.uniform(0.1, 2, (L, H, D)).astype(np.float32),
+                       rng.uniform(0.1, 2, (L, H, D)).astype(np.float32), {})
+
+
+def random_keys(rng, n):
+    h2 = D // 2
+    ang = rng.uniform(-np.pi, np.pi, h2) + rng.normal(0, 0.6, (n, h2))
+    rad = rng.uniform(0.2, 4, h2) * rng.lognormal(0, 0.3, (n, h2))
+    return np.concatenate([rad * np.cos(ang), rad * np.sin(ang)], axis=1).astype(np.float32)
+
+
+def make(policy, budget, n_ctx=600, window=8, sinks=2, use_c=True, seed=0):
+    rng = np.random.default_rng(seed)
+    pol = make_policy(policy, sinks=sinks, window=window, budget=budget, calibration=calibration(rng),
+                      ladder="192:4,96:4,48:2", kv_dtype="float32")
+    cache = PagedKVCache(L, H, D, n_ctx=n_ctx, kv_dtype="float32", page_size=16, policy=pol)
+    cache.use_c = use_c and cache.use_c
+    return cache
+
+
+def held(cache, layer, h):
+    """positions (n,) and tier (n,) of every token (layer, h) holds."""
+    ids, tiers = cache.table.pages(layer, h)
+    pos, tier = [], []
+    for pid, t in zip(ids, tiers):
+        pool = cache.pools[t]
+        assert pool.in_use(pid), "the table lists a page its pool does not own"
+        f = int(cache.arena.fill[pid])
+        assert 0 < f <= pool.page_size
+        pos += pool.positions[pid, :f].tolist()
+        tier += [int(t)] * f
+    return np.array(pos, np.int64), np.array(tier, np.int64)
+
+
+def check(cache, history):
+    """Invariants after a step. history[(layer, h, pos)] = richest tier seen so far (demotions only)."""
+    p = cache.policy
+    arena = cache.arena
+    used = sum(pool.n_used for pool in cache.pools)
+    assert used * (arena.frame_bytes + 4) <= cache.budget, "budget exceeded"
+    assert used + arena.n_free == arena.n_frames, "page leaked"
+    for t, pool in enumerate(cache.pools):
+        listed = sorted(int(pid) for l in range(L) for h in range(H)
+                        for pid, tt in zip(*cache.table.pages(l, h)) if tt == t)
+        assert listed == sorted(np.nonzero(arena.owner == t)[0].tolist()), "pool / table disagree"
+    pinned_hi = cache.offset - p.window
+    for layer in range(L):
+        for h in range(H):
+            pos, tier = held(cache, layer, h)
+            assert len(pos) == len(set(pos.tolist())), "a token is stored twice"
+            assert set(pos.tolist()) <= set(range(cache.offset))
+            # sinks and the recent window are dense and present
+            for q in list(range(min(p.sinks, cache.offset))) + list(range(max(p.sinks, pinned_hi), cache.offset)):
+                assert q in pos and tier[pos.tolist().index(q)] == DENSE, f"pinned token {q} not dense"
+            for q, t in zip(pos.tolist(), tier.tolist()):
+                prev = history.get((layer, h, q))
+                assert prev is None or t >= prev, "a token was promoted"
+                history[(layer, h, q)] = t
+            for key in [k for k in history if k[:2] == (layer, h) and k[2] not in set(pos.tolist())]:
+                history[key] = 99  # dropped: may never come back
+            assert not any(history.get((layer, h, q)) == 99 and q in pos for q in pos.tolist())
+
+
+def run_ops(cache, ops, rng):
+    history = {}
+    for n in ops:
+        n = min(n, cache.n_ctx - cache.offset, cache.max_chunk)
+        if n <= 0:
+            break
+        for layer in range(L):
+            cache.append(layer, np.stack([random_keys(rng, n) for _ in range(H)]),
+                         rng.normal(size=(H, n, D)).astype(np.float32))
+            cache.attend(layer, rng.normal(size=(H * 3, n, D)).astype(np.float32),
+                         np.arange(cache.offset, cache.offset + n))
+        cache.advance(n)
+        check(cache, history)
+    return history
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(["spherical", "snapkv", "h2o"]), st.lists(st.integers(1, 64), min_size=1, max_size=14),
+       st.sampled_from([0.1, 0.15, 0.25]), st.integers(0, 2**31 - 1))
+def test_budgeted_policies_keep_their_invariants(policy, ops, budget, seed):
+    cache = make(policy, budget, n_ctx=1500)  # budgets of 0.1-0.25 x 1500 tokens: ops fill past them
+    run_ops(cache, ops, np.random.default_rng(seed))
+    cache.reset()
+    assert sum(pool.n_used for pool in cache.pools) == 0 and cache.arena.n_free == cache.arena.n_frames
+
+
+def test_long_decode_holds_the_budget_and_uses_every_tier():
+    cache = make("spherical", 0.1, n_ctx=2000)
+    rng = np.random.default_rng(1)
+    run_ops(cache, [64] * 4 + [1] * 300, rng)
+    st_ = cache.stats(per_head=True)
+    assert st_["bytes_used"] <= cache.budget
+    assert st_["tokens_by_tier"][cache.pools[DENSE].tier.name] >= L * H * (cache.policy.sinks + cache.policy.window)
+    assert sum(v > 0 for v in st_["tokens_by_tier"].values()) >= 3  # dense + at least two ADA tiers
+    assert cache.allocator_runs > 0
+
+
+@pytest.mark.parametrize("policy", ["spherical", "h2o"])
+def test_decode_attention_reads_exactly_what_is_held(policy):
+    """After compression, the decode path (C and NumPy) equals brute-force attention over the held tokens
+    as their tiers reconstruct them; dropped tokens contribute nothing."""
+    cache = make(policy, 0.1, n_ctx=1500)
+    rng = np.random.default_rng(2)
+    run_ops(cache, [40, 40, 40, 30, 1, 1, 1], rng)
+    q = rng.normal(size=(H * 3, 1, D)).astype(np.float32)
+    qpos = np.array([cache.offset])
+    for layer in range(L):
+        outs = []
+        for use_c in ([True, False] if ckernels.lib() is not None else [False]):
+            cache.use_c = use_c
+            outs.append(cache.attend(layer, q, qpos))
+        for h in range(H):
+            ks, vs = [], []
+            ids, tiers = cache.table.pages(layer, h)
+            for pid, t in zip(ids, tiers):
+                f = int(cache.arena.fill[pid])
+                k, v = cache._read_page(int(t), int(pid), f, (layer, h))
+                ks.append(k)
+                vs.append(v)
+            k, v = np.concatenate(ks), np.concatenate(vs)
+            ref = attend_dense(q[h * 3 : (h + 1) * 3], k, v, np.zeros(len(k), np.int32), qpos, D ** -0.5)
+            for out in outs:
+                np.testing.assert_allclose(out[h * 3 : (h + 1) * 3], ref, atol=3e-5)
+
+
+def test_kernel_mass_equals_numpy_mass():
+    """The decode kernel's attention mass (utility) equals the NumPy path's, slot by slot."""
+    if ckernels.lib() is None:
+        pytest.skip("C kernels unavailable")
+    caches = [make("spherical", 0.1, n_ctx=1500, seed=3) for _ in range(2)]
+    for c, use_c in zip(caches, (True, False)):
+        rng = np.random.default_rng(4)
+        run_ops(c, [40, 40, 40], rng)
+        c.use_c = use_c
+        for _ in range(3):
+            for layer in range(L):
+                c.attend(layer, rng.normal(size=(H * 3, 1, D)).astype(np.float32), np.array([c.offset]))
+    a, b = caches
+    for t in range(len(a.pools)):
+        mine = a.arena.owner == t
+        assert (mine == (b.arena.owner == t)).all()
+        np.testing.assert_allclose(a.pools[t].mass[mine], b.pools[t].mass[mine], atol=1e-5)
+
+
+def test_deterministic():
+    runs = []
+    for _ in range(2):
+        cache = make("spherical", 0.1, n_ctx=1500)
+        run_ops(cache, [33, 40, 17, 1, 1, 50], np.random.default_rng(7))
+        runs.append((cache.table.page_ids.copy(), cache.table.page_tiers.copy(), cache.arena.buf.copy()))
+    for x, y in zip(*runs):
+        assert (x == y).all()
+
+
+def test_budget_syntax_and_minimum():
+    full = 1000
+    assert parse_budget("25%", full) == 250 and parse_budget("0.5", full) == 500 and parse_budget(0.1, full) == 100
+    assert parse_budget("64MiB", full) == 64 * 2**20 and parse_budget("2kb", full) == 2000
+    assert parse_budget("123456", full) == 123456 and parse_budget(4096, full) == 4096
+    for bad in ("25 percent", "-3%", "150%", "MiB", ""):
+        with pytest.raises(InputError, match="kv-budget"):
+            parse_budget(bad, full)
+    with pytest.raises(InputError, match=r"at least [\d,]+ bytes"):
+        make("spherical", 0.01)
+    with pytest.raises(InputError, match="needs a --kv-budget"):
+        make_policy("h2o")
+    with pytest.raises(InputError, match="valid: .*spherical"):
+        make_policy("lru")
