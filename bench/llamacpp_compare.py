@@ -285,6 +285,12 @@ def report(res: dict) -> str:
                     f"{L['kv_bytes_per_token']:,.0f} | {_share(L.get('cpu_share'))} | {L.get('runs', '?')} |")
             else:
                 lines.append(f"| {n} | llama.cpp {kv} KV | {res['errors'].get(f'{kv}/{n}', 'not run')} | | | | |")
+    alloc = [(n, pol, rows[str(n)]) for n in contexts for pol, rows in policies.items()
+             if rows.get(str(n)) and rows[str(n)].get("allocator_prefill_s")]
+    if alloc:
+        lines += ["", "RDR allocator time (inside the prefill / decode times above): " + "; ".join(
+            f"`{pol}` at {n}: {r['allocator_prefill_s']:.2f} s of the prefill, "
+            f"{r['allocator_ms_per_step']:.2f} ms per decode step" for n, pol, r in alloc)]
     lines += [
         "",
         "## Ratios skvrt / llama.cpp (medians; > 1 means skvrt is faster, or uses more memory)",

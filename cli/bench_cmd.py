@@ -42,9 +42,12 @@ def bench(
     threads: Optional[int] = typer.Option(
         None, "--threads", "-t", help="BLAS threads (default: $SKVRT_THREADS or half the cores)."),
     kv_dtype: str = typer.Option("float16", "--kv-dtype", help="Dense KV tier storage: float16 or float32."),
-    kv_policy: str = typer.Option("full", "--kv-policy", help="KV cache policy: full, window, ada, quant."),
+    kv_policy: str = typer.Option("full", "--kv-policy",
+                                  help="KV cache policy: full, window, ada, quant, snapkv, h2o, spherical."),
     kv_opt: list[str] = typer.Option([], "--kv-opt", help="Policy option key=value (repeatable), e.g. window=64."),
     kv_tier: Optional[int] = typer.Option(None, "--kv-tier", help="ADA tier: key bits per token per KV head."),
+    kv_budget: Optional[str] = typer.Option(
+        None, "--kv-budget", help="KV byte budget: 25% (of the fp16 cache at --ctx-size), 0.25, 64MiB or bytes."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the markdown table."),
     ctx_size: Optional[int] = typer.Option(
         None, "--ctx-size", "-c",
@@ -74,8 +77,10 @@ def bench(
     with console.status("loading model") as status:
         from skvrt.evaluate import parse_policy_opts
 
+        from .eval_cmd import with_tier
+
         llm = skvrt.load(model, n_ctx=n_ctx, kv_dtype=kv_dtype, threads=threads, kv_policy=kv_policy,
-                         kv_opts=parse_policy_opts(list(kv_opt) + ([f"tier={kv_tier}"] if kv_tier else [])))
+                         kv_opts=parse_policy_opts(with_tier(kv_opt, kv_tier, kv_budget)))
 
         def progress(msg: str) -> None:
             status.update(f"bench: {msg}")

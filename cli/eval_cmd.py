@@ -14,6 +14,7 @@ import json
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -38,6 +39,9 @@ KvOptOpt = typer.Option([], "--kv-opt",
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of markdown.")
 KvTierOpt = typer.Option(None, "--kv-tier", help="ADA tier: key bits per token per KV head (e.g. 128, 192, 256); "
                          "same as --kv-opt tier=N.")
+KvBudgetOpt = typer.Option(None, "--kv-budget",
+                           help="KV cache byte budget per sequence: 25% (of the fp16 cache at the context size), "
+                                "0.25, 64MiB or bytes; required by snapkv, h2o, spherical.")
 
 
 def _load(model: Optional[str], threads: Optional[int]):
@@ -115,8 +119,10 @@ def _kl_run(model, text, kv_policy, kv_dtype, window, eval_tokens, max_windows, 
         print(report.markdown(ppl_first=ppl_first))
 
 
-def with_tier(kv_opt: list[str], kv_tier: int | None) -> list[str]:
-    return list(kv_opt) + ([f"tier={kv_tier}"] if kv_tier is not None else [])
+def with_tier(kv_opt: list[str], kv_tier: int | None, kv_budget: str | None = None) -> list[str]:
+    """--kv-opt items plus --kv-tier / --kv-budget as the same key=value items."""
+    return (list(kv_opt) + ([f"tier={kv_tier}"] if kv_tier is not None else [])
+            + ([f"budget={kv_budget}"] if kv_budget is not None else []))
 
 
 def _kl_options(ppl_first: bool):
@@ -127,6 +133,7 @@ def _kl_options(ppl_first: bool):
         kv_dtype: str = KvDtypeOpt,
         kv_opt: list[str] = KvOptOpt,
         kv_tier: Optional[int] = KvTierOpt,
+        kv_budget: Optional[str] = KvBudgetOpt,
         window: int = typer.Option(2048, "--window", help="Tokens per window (cache context N)."),
         eval_tokens: int = typer.Option(256, "--eval-tokens",
                                         help="Scored decode steps at the end of each window (E)."),
@@ -142,7 +149,7 @@ def _kl_options(ppl_first: bool):
             help="Reference path: steps (decode steps) or chunk (one all-logits pass; same numbers within 1e-5)."),
     ):
         _kl_run(model, text, kv_policy, kv_dtype, window, eval_tokens, max_windows, as_json, threads, cache_ref,
-                with_tier(kv_opt, kv_tier), ref_mode, ppl_first, "skvrt " + " ".join(sys.argv[1:]))
+                with_tier(kv_opt, kv_tier, kv_budget), ref_mode, ppl_first, "skvrt " + " ".join(sys.argv[1:]))
 
     return cmd
 
@@ -165,6 +172,7 @@ def passkey(
     kv_dtype: str = KvDtypeOpt,
     kv_opt: list[str] = KvOptOpt,
     kv_tier: Optional[int] = KvTierOpt,
+    kv_budget: Optional[str] = KvBudgetOpt,
     lengths: str = typer.Option("1k,2k,4k,7.5k", "--lengths", help="Total prompt lengths in tokens (k = 1024)."),
     depths: str = typer.Option("10,50,90", "--depths", help="Needle depths in percent of the prompt."),
     trials: int = typer.Option(3, "--trials", help="Prompts per (length, depth) cell, each with its own key."),
@@ -181,7 +189,7 @@ def passkey(
                                 run_passkey)
 
     _check_policy(kv_policy, kv_dtype)
-    opts = parse_policy_opts(with_tier(kv_opt, kv_tier))
+    opts = parse_policy_opts(with_tier(kv_opt, kv_tier, kv_budget))
     L, D = parse_lengths(lengths), parse_depths(depths)
     if trials < 1:
         raise InputError("--trials must be >= 1")
@@ -231,3 +239,48 @@ def passkey(
                for lab in labels]
         lines.append(f"| {l} | all | " + " | ".join(tot) + " |")
     print("\n".join(lines))
+
+
+@eval_app.command()
+def sweep(
+    text: str = typer.Option(..., "--text", help="UTF-8 text file to evaluate on (never calibration text)."),
+    out: str = typer.Option(..., "--out", help="Folder for sweep.md, sweep.json and sweep.png."),
+    model: Optional[str] = ModelOpt,
+    budgets: str = typer.Option("50,25,12.5,6.25", "--budgets",
+                                help="Byte budgets in percent of the fp16 cache at the window's context."),
+    policies: str = typer.Option("window,snapkv,h2o,quant,ada,spherical", "--policies",
+                                 help="Comma-separated KV policies."),
+    window: int = typer.Option(2048, "--window", help="Tokens per window (cache context N)."),
+    eval_tokens: int = typer.Option(256, "--eval-tokens", help="Scored decode steps at the end of each window (E)."),
+    max_windows: int = typer.Option(4, "--max-windows", help="At most this many windows from the text's start."),
+    threads: Optional[int] = ThreadsOpt,
+    cache_ref: Optional[str] = typer.Option(None, "--cache-ref", help="Folder to store / reuse reference log-probs."),
+):
+    """Every policy at every budget (settings fitted to the budget; skvrt/sweep.py): markdown table + PNG plot
+    of mean KL vs KV bytes, written to --out."""
+    from skvrt.evaluate import KLEvaluator, ReferenceStore, model_fingerprint, read_text, tokenize_text
+    from skvrt.sweep import parse_budgets, parse_policies, run_sweep, write_sweep
+
+    B, pols = parse_budgets(budgets), parse_policies(policies)
+    body = read_text(text)
+    folder, loaded, n_threads = _load(model, threads)
+    tokens = tokenize_text(loaded.tokenizer, body)
+    store = ReferenceStore(cache_ref, model_fingerprint(folder)) if cache_ref else None
+    ev = KLEvaluator(loaded.model, tokens, window, eval_tokens, max_windows, ref_store=store, keep_refs=True)
+    meta = _meta(folder, n_threads, "skvrt " + " ".join(sys.argv[1:]))
+    meta.update({"text": str(text), "windows": len(ev.windows), "window": window, "eval_tokens": eval_tokens})
+    done: list[dict] = []
+
+    def row_done(r: dict) -> None:
+        done.append(r)
+        (Path(out) / "sweep.partial.json").write_text(json.dumps({"meta": meta, "rows": done}, default=str))
+        tick(f"{r['policy']} @ {r['budget']:.2%}: " + (f"KL {r['mean_kl']:.4g} at {r['kv_bytes_fraction']:.3f} of "
+                                                      f"fp16" if r["options"] is not None else "does not fit"))
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    ctx, tick = _progress(len(B) * len(pols), "sweep")
+    with ctx:
+        rows = run_sweep(ev, pols, B, progress=row_done)
+    for p in write_sweep(rows, Path(out), meta):
+        print(p)
+    (Path(out) / "sweep.partial.json").unlink()

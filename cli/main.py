@@ -14,7 +14,7 @@ import typer
 
 from skvrt.errors import InputError, SkvrtError
 
-from .eval_cmd import eval_app, with_tier
+from .eval_cmd import KvBudgetOpt, eval_app, with_tier
 
 app = typer.Typer(
     name="skvrt",
@@ -38,9 +38,9 @@ SystemOpt = typer.Option(None, "--system-prompt", "-s", help="System message (ch
 CtxOpt = typer.Option(None, "--ctx-size", "-c", help="Context length in tokens (default: the model's).")
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="BLAS threads (default: $SKVRT_THREADS, else half the cores).")
 KvDtypeOpt = typer.Option("float16", "--kv-dtype", help="Dense KV tier storage: float16 or float32.")
-KvPolicyOpt = typer.Option("full", "--kv-policy", help="KV cache policy: full, window (sinks + recent), ada (angle-domain key codes; --kv-tier), quant (int K/V for old tokens).")
+KvPolicyOpt = typer.Option("full", "--kv-policy", help="KV cache policy: full, window (sinks + recent), ada (angle-domain key codes; --kv-tier), quant (int K/V for old tokens), snapkv / h2o (eviction under --kv-budget), spherical (ADA + RDR under --kv-budget).")
 KvTierOpt = typer.Option(None, "--kv-tier", help="ADA tier: key bits per token per KV head (e.g. 128, 192, 256).")
-KvOptOpt = typer.Option([], "--kv-opt", help="Policy option key=value (repeatable): sinks, window, k_bits, v_bits, v_group.")
+KvOptOpt = typer.Option([], "--kv-opt", help="Policy option key=value (repeatable): sinks, window, k_bits, v_bits, v_group, ladder (spherical, e.g. 256:4,128:4,64:2).")
 
 
 def sampling(temp, top_p, top_k, min_p, repeat_penalty, seed) -> dict:
@@ -82,7 +82,9 @@ def print_stats(r, llm, file=sys.stderr) -> None:
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} tokens, "
         f"{r.generation_tps:.1f} tok/s | peak RSS {r.peak_memory_mb:.0f} MB | KV {s['policy']} {s['tokens']}/"
         f"{s['n_ctx']} tokens, {s['bytes_used'] / 2**20:.1f} MiB in {s['pages_used']} pages "
-        f"({', '.join(f'{k} {v}' for k, v in s['pages_by_tier'].items())}; {s['fraction_of_fp16']:.0%} of fp16)"
+        f"(of {s['bytes_pool'] / 2**20:.1f} MiB preallocated{', the budget' if s['budget'] else ''}) "
+        f"({', '.join(f'{k} {v}' for k, v in s['pages_by_tier'].items())}; {s['fraction_of_fp16']:.0%} of fp16 "
+        f"for the tokens held)"
         f" | finish: {r.finish_reason}",
         file=file,
     )
@@ -111,6 +113,7 @@ def run(
     kv_policy: str = KvPolicyOpt,
     kv_opt: list[str] = KvOptOpt,
     kv_tier: Optional[int] = KvTierOpt,
+    kv_budget: Optional[str] = KvBudgetOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory stats to stderr."),
 ):
     """Generate a completion for one prompt and stream it to stdout."""
@@ -118,7 +121,7 @@ def run(
     if not text.strip():
         raise InputError("the prompt is empty")
     opts = sampling(temp, top_p, top_k, min_p, repeat_penalty, seed)
-    llm = load_llm(model, ctx_size, threads, kv_dtype, kv_policy, with_tier(kv_opt, kv_tier))
+    llm = load_llm(model, ctx_size, threads, kv_dtype, kv_policy, with_tier(kv_opt, kv_tier, kv_budget))
     if raw:
         stream = llm.stream(text, max_tokens, stop=stop, **opts)
     else:
@@ -153,12 +156,13 @@ def chat(
     kv_policy: str = KvPolicyOpt,
     kv_opt: list[str] = KvOptOpt,
     kv_tier: Optional[int] = KvTierOpt,
+    kv_budget: Optional[str] = KvBudgetOpt,
 ):
     """Interactive chat (REPL). /help lists commands; Ctrl-C stops a reply, Ctrl-C at the prompt exits."""
     from .repl import ChatREPL
 
     opts = sampling(temp, top_p, top_k, min_p, repeat_penalty, seed)
-    llm = load_llm(model, ctx_size, threads, kv_dtype, kv_policy, with_tier(kv_opt, kv_tier))
+    llm = load_llm(model, ctx_size, threads, kv_dtype, kv_policy, with_tier(kv_opt, kv_tier, kv_budget))
     ChatREPL(llm, system_prompt, max_tokens, opts).loop()
 
 
@@ -195,11 +199,12 @@ def convert(
 def calibrate(
     model: Optional[str] = typer.Argument(None, help="HF folder, .gguf file or known model name (default: smollm2-135m-instruct)."),
     text: Optional[Path] = typer.Option(None, "--text", help="Calibration text file (default: text the model writes itself). Never the evaluation text."),
-    show_report: bool = typer.Option(False, "--report", help="Also measure every ADA tier on held-back keys (25% of the text)."),
+    show_report: bool = typer.Option(False, "--report", help="Also measure every ADA tier on the held-back keys, and print the ladder's distortion."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     threads: Optional[int] = ThreadsOpt,
 ):
-    """Measure per-pair key statistics for ADA and write the sidecar skvrt-kv.safetensors next to the weights."""
+    """Measure per-pair key statistics for ADA (first 75% of the text) and the distortion of the ADA tier ladder
+    (held-back last 25%); write the sidecar skvrt-kv.safetensors next to the weights."""
     import skvrt
     from skvrt.calibrate import calibrate as run_calibrate, report
 
@@ -211,23 +216,38 @@ def calibrate(
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"cannot read {text} as UTF-8 text: {e}") from None
     source = str(text) if text else "self-generated"
-    if show_report:
-        cal, held = run_calibrate(llm, body, source, held_back=0.25)
-    else:
-        cal = run_calibrate(llm, body, source)
+    cal, held = run_calibrate(llm, body, source, return_held=True)
     path = cal.save(llm.loaded.path)
-    print(f"skvrt: wrote {path} ({cal.meta['tokens']} tokens, {cal.meta['seconds']} s)", file=sys.stderr)
-    if show_report:
-        rows = report(cal, held)
-        if as_json:
-            print(json.dumps(rows, indent=1))
-        else:
-            print("| tier | K bytes | V bytes | metadata bytes | bytes/token/head | of fp16 | logit rel. MSE | attn-out cosine |")
-            print("|---|---|---|---|---|---|---|---|")
-            for r in rows:
-                print(f"| {r['tier']} | {r['k_bytes']:g} | {r['v_bytes']:g} | {r['metadata_bytes']:.2f} | "
-                      f"{r['bytes_per_token_head']:.2f} | {r['fraction_of_fp16']:.3f} | {r['logit_rel_mse']:.2e} | "
-                      f"{r['attn_out_cosine']:.5f} |")
+    m = cal.meta
+    n_held = m["held_back_tokens"]
+    ladder = m.get("ladder_mean", [])
+    msg = (f"skvrt: wrote {path} ({m['tokens']} tokens, {m['seconds']} s): pair statistics from the first "
+           f"{m['tokens'] - n_held} tokens")
+    if ladder:
+        msg += (f"; distortion d of the ADA ladder per (layer, kv head) on the last {n_held} (held back; 0 = dense, "
+                f"1 = as if dropped), mean " + ", ".join(f"{r['tier']} {r['d']:.3g}" for r in ladder))
+    print(msg, file=sys.stderr)
+    if not show_report:
+        return
+    rows = report(cal, held)
+    if as_json:
+        print(json.dumps({"tiers": rows, "ladder": ladder}, indent=1))
+        return
+    print("| tier | K bytes | V bytes | metadata bytes | bytes/token/head | of fp16 | logit rel. MSE | attn-out cosine |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tier']} | {r['k_bytes']:g} | {r['v_bytes']:g} | {r['metadata_bytes']:.2f} | "
+              f"{r['bytes_per_token_head']:.2f} | {r['fraction_of_fp16']:.3f} | {r['logit_rel_mse']:.2e} | "
+              f"{r['attn_out_cosine']:.5f} |")
+    if ladder:
+        print("\nLadder distortion d = logit term E (s_hat - s)^2 + value term E ||v_hat - v||^2 / E ||v - o||^2 "
+              "(0 = dense, 1 = as if the token were dropped), over (layer, kv head):")
+        print("| ladder tier | key bits/token/head | mean d | logit term | value term | d min | d max |")
+        print("|---|---|---|---|---|---|---|")
+        for i, r in enumerate(ladder):
+            d = cal.ladder_distortion[..., i]  # (L, H)
+            print(f"| {r['tier']} | {r['key_bits']} | {r['d']:.4f} | {r['logit']:.4f} | {r['value']:.4f} | "
+                  f"{d.min():.4f} | {d.max():.4f} |")
 
 
 @app.command()

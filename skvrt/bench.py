@@ -136,11 +136,14 @@ def run_bench(llm, contexts: Sequence[int] = (512, 2048, 7000), n_decode: int = 
     model, cache = llm.model, llm.cache
     say = progress or (lambda msg: None)
 
-    def one_run(ids: Sequence[int]) -> tuple[float, list[float]]:
+    def alloc_s() -> float:  # seconds the cache's budget allocator (RDR) has spent so far
+        return getattr(cache, "allocator_seconds", 0.0)
+
+    def one_run(ids: Sequence[int]) -> tuple[float, list[float], float, float]:
         llm.reset()
-        t0 = time.perf_counter()
+        a0, t0 = alloc_s(), time.perf_counter()
         logits = prefill(model, cache, ids)
-        t_prefill = time.perf_counter() - t0
+        t_prefill, a1 = time.perf_counter() - t0, alloc_s()
         steps = []
         token = int(np.argmax(logits))
         for _ in range(n_decode):
@@ -148,7 +151,7 @@ def run_bench(llm, contexts: Sequence[int] = (512, 2048, 7000), n_decode: int = 
             logits = model.forward(np.array([token], dtype=np.int64), cache)[-1]
             token = int(np.argmax(logits))
             steps.append(time.perf_counter() - t0)
-        return t_prefill, steps
+        return t_prefill, steps, a1 - a0, alloc_s() - a1
 
     if warmup:
         say("warm-up")
@@ -159,11 +162,13 @@ def run_bench(llm, contexts: Sequence[int] = (512, 2048, 7000), n_decode: int = 
         ids = list(prompt_ids[n]) if prompt_ids and n in prompt_ids else synthetic_prompt(llm.tokenizer, n)
         if len(ids) != n:
             raise InputError(f"the prompt for context {n} has {len(ids)} ids")
-        prefill_tps, decode_tps, prefill_s, step_s = [], [], [], []
+        prefill_tps, decode_tps, prefill_s, step_s, alloc_pre, alloc_dec = [], [], [], [], [], []
         kv = None
         for r in range(repeats):
             say(f"context {n}: run {r + 1}/{repeats}")
-            t_prefill, steps = one_run(ids)
+            t_prefill, steps, a_pre, a_dec = one_run(ids)
+            alloc_pre.append(a_pre)
+            alloc_dec.append(a_dec / max(len(steps), 1))
             prefill_s.append(t_prefill)
             prefill_tps.append(n / t_prefill)
             if steps:
@@ -189,6 +194,9 @@ def run_bench(llm, contexts: Sequence[int] = (512, 2048, 7000), n_decode: int = 
             "threads": getattr(llm, "threads", None),
             "blas_threads": blas_threads(),
             "decode_attention": attention_path(llm),
+            # the RDR allocator's own time (0 for policies without one), inside the prefill / decode times above
+            "allocator_prefill_s": statistics.median(alloc_pre),
+            "allocator_ms_per_step": statistics.median(alloc_dec) * 1e3,
         })
     return rows
 
@@ -246,13 +254,15 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
         f"Median (min–max) of {'/'.join(map(str, sorted(reps)))} runs; {'/'.join(map(str, sorted(nd)))} "
         "greedy decode steps after an N-token synthetic prompt.",
         "",
-        "| context | prefill tok/s | decode tok/s | decode ms/step | peak RSS MiB | KV bytes/token | KV vs fp16 |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| context | prefill tok/s | decode tok/s | decode ms/step | allocator ms/step (prefill s) | peak RSS MiB "
+        "| KV bytes/token | KV vs fp16 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['context']} | {_mmm(r['prefill_tps'])} | {_mmm(r['decode_tps'])} | "
-            f"{_mmm(r['decode_ms_per_step'])} | {r['peak_rss_mb']:.0f} | {r['kv_bytes_per_token']:,.0f} | "
+            f"{_mmm(r['decode_ms_per_step'])} | {r.get('allocator_ms_per_step', 0):.2f} "
+            f"({r.get('allocator_prefill_s', 0):.2f}) | {r['peak_rss_mb']:.0f} | {r['kv_bytes_per_token']:,.0f} | "
             f"{r['kv_fraction_of_fp16']:.1%} |"
         )
     return "\n".join(lines) + "\n"

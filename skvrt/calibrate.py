@@ -1,13 +1,29 @@
-"""`skvrt calibrate`: measure how each RoPE pair of each (layer, kv head) matters to the logits, once per
-model, and write the sidecar `skvrt-kv.safetensors` next to the weights.
+"""`skvrt calibrate`: measure how each RoPE pair of each (layer, kv head) matters to the logits, and what each
+tier of a ladder of ADA tiers costs in attention distortion, once per model; write the sidecar
+`skvrt-kv.safetensors` next to the weights.
 
-Statistics (from a prefill of the calibration text with a dense float32 cache):
-    q_sq       (L, H, D)  mean of q_d^2 over tokens and the query heads of the KV head's group (post-RoPE)
+The calibration text's tokens are prefilled with a dense float32 cache; the first 1 - HELD_BACK of them give
+the statistics, the last HELD_BACK (held back) the ladder's distortion.
+
+Statistics (post-RoPE):
+    q_sq       (L, H, D)  mean of q_d^2 over tokens and the query heads of the KV head's group
     k_range_sq (L, H, D)  mean over pages of P consecutive tokens of (max - min)^2 of key channel d
 ADA tiers spread their key bits over pairs by weight_i = sum over the pair's two channels of q_sq * k_range_sq
 (skvrt.kv.ada.allocate_bits), so any tier size can be built from the sidecar.
 
-Default calibration text: text the model writes itself from fixed prompts (greedy-free, seeded), never the
+Ladder distortion ladder_distortion (L, H, n_tiers): tier (key_bits, v_bits) of the ladder is
+AdaTier(allocate_bits(pair_weight, key_bits), v_bits, v_group). Per (layer, kv head), the held-back tokens'
+keys and values are encoded page-locally (pages of LADDER_PAGE tokens, as the cache does) and the pages cut
+into spans of up to SPAN_PAGES pages; within a span every token's query heads (the G of the kv head's group)
+attend causally to the span's tokens (key j <= query t). With s = q.k / sqrt(D) the exact logits, s_hat the
+codec's (from the codes), v / v_hat exact / dequantised values and o = softmax(s) @ v the exact output:
+    d = E[(s_hat - s)^2] + E||v_hat - v||^2 / E||v - o||^2
+the first term over causal (query, key) pairs, the value error over keys, E||v - o||^2 over causal pairs.
+For a token with attention weight p, a logit error ds moves the output by ~ p ds (v - o), a value error dv by
+p dv, and dropping the token by ~ p (v - o): d is the tier's error relative to dropping the token
+(dense 0, dropped 1).
+
+Default calibration text: text the model writes itself from fixed prompts (seeded sampling), never the
 evaluation text. `--text FILE` uses the user's file instead.
 """
 
@@ -16,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,10 +40,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelLoadError
+from .loader import SIDECAR  # one name for the sidecar file
 from .safetensors_io import read_safetensors, read_safetensors_header, write_safetensors
 
-from .loader import SIDECAR  # noqa: E402  (one name for the sidecar file)
 FORMAT = 1
+HELD_BACK = 0.25  # fraction of the calibration tokens held back from the statistics, for the ladder
+DEFAULT_LADDER = ((256, 4), (128, 4), (64, 2))  # ADA tiers (key bits per token per head, value bits)
+LADDER_V_GROUP = 64  # value group of the ladder's tiers (the gcd with head_dim when it does not divide it)
+LADDER_PAGE = 64  # tokens per page in the distortion measurement
+SPAN_PAGES = 4  # pages per span of causal attention in the distortion measurement
 PROMPTS = [
     "Write a detailed essay about the history of the Roman Empire.",
     "Explain how a computer CPU works, step by step.",
@@ -37,11 +59,16 @@ PROMPTS = [
 ]
 
 
+def _ladder_spec(ladder) -> list[list[int]]:
+    return [[int(key_bits), int(v_bits)] for key_bits, v_bits in ladder]
+
+
 @dataclasses.dataclass
 class Calibration:
     q_sq: np.ndarray  # (L, H, D)
     k_range_sq: np.ndarray  # (L, H, D)
     meta: dict
+    ladder_distortion: np.ndarray | None = None  # (L, H, n_tiers) d of the tiers of meta["ladder"]
 
     @property
     def pair_weight(self) -> np.ndarray:
@@ -50,9 +77,19 @@ class Calibration:
         h2 = w.shape[-1] // 2
         return w[..., :h2] + w[..., h2:]
 
+    def distortion(self, ladder, v_group: int = LADDER_V_GROUP, page_size: int = LADDER_PAGE) -> np.ndarray | None:
+        """(L, H, len(ladder)) distortion d of each tier of `ladder` ((key_bits, v_bits), ...), or None when
+        the sidecar measured no ladder or another one (tiers, value group or page size)."""
+        stored = (self.meta.get("ladder"), self.meta.get("ladder_v_group"), self.meta.get("ladder_page"))
+        if self.ladder_distortion is None or stored != (_ladder_spec(ladder), v_group, page_size):
+            return None
+        return self.ladder_distortion
+
     def save(self, folder: Path) -> Path:
-        return write_safetensors(folder / SIDECAR, {"q_sq": self.q_sq, "k_range_sq": self.k_range_sq},
-                                 metadata={"skvrt": json.dumps(self.meta)})
+        tensors = {"q_sq": self.q_sq, "k_range_sq": self.k_range_sq}
+        if self.ladder_distortion is not None:
+            tensors["ladder_distortion"] = self.ladder_distortion.astype(np.float32)
+        return write_safetensors(folder / SIDECAR, tensors, metadata={"skvrt": json.dumps(self.meta)})
 
 
 def load_calibration(folder: str | Path) -> Calibration | None:
@@ -67,7 +104,14 @@ def load_calibration(folder: str | Path) -> Calibration | None:
         meta = {}
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "q_sq" not in t or "k_range_sq" not in t:
         raise ModelLoadError(f"{path} is not a skvrt calibration sidecar of format {FORMAT}; run `skvrt calibrate`")
-    return Calibration(np.asarray(t["q_sq"]), np.asarray(t["k_range_sq"]), meta)
+    cal = Calibration(np.asarray(t["q_sq"]), np.asarray(t["k_range_sq"]), meta)
+    if "ladder_distortion" in t:  # sidecars before the ladder have none
+        d = np.asarray(t["ladder_distortion"])
+        if d.shape != (*cal.q_sq.shape[:2], len(meta.get("ladder", ()))):
+            raise ModelLoadError(f"{path}: ladder_distortion {d.shape} does not match the ladder in its metadata; "
+                                 "run `skvrt calibrate`")
+        cal.ladder_distortion = d
+    return cal
 
 
 def self_generated_text(llm, tokens_per_prompt: int = 160, seed: int = 0) -> str:
@@ -81,64 +125,113 @@ def self_generated_text(llm, tokens_per_prompt: int = 160, seed: int = 0) -> str
 
 def collect_stats(model, tokens: np.ndarray, page_size: int = 64, chunk: int = 256,
                   progress=None, held_back: float = 0.0):
-    """Prefill `tokens` with a dense float32 cache, hooking the cache to see post-RoPE q and k per layer."""
+    """Prefill `tokens` with a dense float32 cache, hooking the cache to see post-RoPE q, k and v per layer.
+
+    -> (q_sq, k_range_sq) from the first n_fit = int(T (1 - held_back)) tokens; with held_back > 0
+    -> (stats, held), held[layer] = (q (nq, Th, D), k (H, Th, D), v (H, Th, D)) of the last Th = T - n_fit."""
     from .kv import make_cache
 
     a = model.args
     L, H, D, G = a.num_hidden_layers, a.num_key_value_heads, a.head_dim, a.num_attention_heads // a.num_key_value_heads
+    n_fit = int(len(tokens) * (1 - held_back))
     cache = make_cache(a, len(tokens) + 1, "full", "float32")
     q_sum = np.zeros((L, H, D))
-    q_n = 0
-    keys = [[] for _ in range(L)]
+    q_held = [[] for _ in range(L)]  # (nq, t, D) chunks of the held-back tokens' queries
+    keys, values = [[] for _ in range(L)], [[] for _ in range(L)]  # (H, t, D) chunks
     attend, append = cache.attend, cache.append
 
     def hook_attend(layer, q, pos):
-        nonlocal q_n
-        q_sum[layer] += np.square(q.astype(np.float64)).reshape(H, G, -1, D).sum(axis=(1, 2))
-        if layer == 0:
-            q_n += q.shape[1] * G
+        fit = pos < n_fit
+        q_sum[layer] += np.square(q[:, fit].astype(np.float64)).reshape(H, G, -1, D).sum(axis=(1, 2))
+        q_held[layer].append(q[:, ~fit].copy())
         return attend(layer, q, pos)
 
     def hook_append(layer, k, v):
         keys[layer].append(k.copy())
+        values[layer].append(v.copy())
         return append(layer, k, v)
 
-    q_all = [[] for _ in range(L)]
-    n_fit = int(len(tokens) * (1 - held_back))
-
-    def hook_attend_keep(layer, q, pos):
-        if held_back:
-            q_all[layer].append(q.copy())
-        return hook_attend(layer, q, pos)
-
-    cache.attend, cache.append = hook_attend_keep, hook_append
+    cache.attend, cache.append = hook_attend, hook_append
     for s in range(0, len(tokens), chunk):
         model.forward(tokens[s : s + chunk], cache)
         if progress:
             progress(min(s + chunk, len(tokens)), len(tokens))
-    if held_back:  # statistics from the first part only; the rest is returned for measurements
-        q_fit = [np.concatenate(q_all[layer], axis=1) for layer in range(L)]  # (nq, T, D) each
-        q_sum = np.stack([np.square(q[:, :n_fit].astype(np.float64)).reshape(H, G, -1, D).sum(axis=(1, 2))
-                          for q in q_fit])
-        q_n = n_fit * G
     k_range = np.zeros((L, H, D))
     for layer in range(L):
-        k = np.concatenate(keys[layer], axis=1)[:, :n_fit]  # (H, T, D)
-        n_pages = k.shape[1] // page_size
-        pages = k[:, : n_pages * page_size].reshape(H, n_pages, page_size, D)
+        keys[layer], values[layer] = np.concatenate(keys[layer], axis=1), np.concatenate(values[layer], axis=1)
+        n_pages = n_fit // page_size
+        pages = keys[layer][:, : n_pages * page_size].reshape(H, n_pages, page_size, D)
         k_range[layer] = np.mean(np.square(pages.max(2) - pages.min(2)), axis=1)
-    stats = (q_sum / q_n).astype(np.float32), k_range.astype(np.float32)
+    stats = (q_sum / (n_fit * G)).astype(np.float32), k_range.astype(np.float32)
     if not held_back:
         return stats
-    held = [(q_fit[layer][:, n_fit:], np.concatenate(keys[layer], axis=1)[:, n_fit:]) for layer in range(L)]
+    held = [(np.concatenate(q_held[layer], axis=1), keys[layer][:, n_fit:], values[layer][:, n_fit:])
+            for layer in range(L)]
     return stats, held
+
+
+def ladder_tiers(cal: Calibration, ladder=DEFAULT_LADDER, v_group: int = LADDER_V_GROUP) -> list:
+    """The ladder's ADA tiers, key bits allocated from the calibration's pair weights."""
+    from .kv.ada import AdaTier, allocate_bits
+
+    return [AdaTier(allocate_bits(cal.pair_weight, key_bits), v_bits=v_bits, v_group=v_group)
+            for key_bits, v_bits in ladder]
+
+
+def ladder_distortion(held, tiers, page_size: int = LADDER_PAGE, span_pages: int = SPAN_PAGES,
+                      progress=None) -> np.ndarray:
+    """-> (L, H, n_tiers, 2) the logit and value terms of each tier's distortion d (their sum; module
+    docstring) on the held-back tokens `held` (collect_stats), in whole pages of page_size tokens."""
+    L, (H, _, D) = len(held), held[0][1].shape
+    out = np.zeros((L, H, len(tiers), 2))
+    for layer, (q_l, k_l, v_l) in enumerate(held):
+        G = q_l.shape[0] // H
+        n = k_l.shape[1] // page_size
+        if n == 0:
+            raise ValueError(f"{k_l.shape[1]} held-back tokens: not one page of {page_size}")
+        for h in range(H):
+            k = k_l[h, : n * page_size].reshape(n, page_size, D)
+            v = v_l[h, : n * page_size].reshape(n, page_size, D)
+            q = q_l[h * G : (h + 1) * G, : n * page_size]  # (G, n P, D)
+            for i, tier in enumerate(tiers):
+                data = tier.alloc(n, page_size, D)
+                for p in range(n):
+                    tier.write_page(data, p, k[p], v[p], (layer, h))
+                out[layer, h, i] = _distortion_terms(tier, data, q, k, v, (layer, h), span_pages)
+        if progress:
+            progress(layer + 1, L)
+    return out
+
+
+def _distortion_terms(tier, data, q, k, v, lh, span_pages: int) -> tuple[float, float]:
+    """Pages 0 .. n-1 of `data` hold k, v (n, P, D) encoded; q (G, n P, D) the same tokens' queries.
+    -> (E[(s_hat - s)^2] over causal pairs, E||v_hat - v||^2 / E||v - o||^2) over spans of span_pages pages."""
+    G, _, D = q.shape
+    n, P, _ = k.shape
+    scale = D**-0.5
+    v_err = np.mean(np.sum(np.square(tier.read_values(data, np.arange(n)) - v, dtype=np.float64), -1))
+    logit_sq = drop_sq = 0.0
+    pairs = 0
+    for p0 in range(0, n, span_pages):
+        pids = np.arange(p0, min(p0 + span_pages, n))
+        ks, vs = k[pids].reshape(-1, D), v[pids].reshape(-1, D).astype(np.float64)  # (S, D)
+        qs = q[:, p0 * P : (p0 + len(pids)) * P]  # (G, S, D)
+        causal = np.tril(np.ones((len(ks), len(ks)), bool))  # [query t, key j]: j <= t
+        s = np.einsum("gtd,jd->gtj", qs, ks).astype(np.float64) * scale  # (G, S, S)
+        s_hat = tier.scores(data, pids, qs, lh, scale).reshape(s.shape)
+        o = _softmax(np.where(causal, s, -np.inf)) @ vs  # (G, S, D)
+        v_o = np.sum(vs**2, -1) + np.sum(o**2, -1)[..., None] - 2 * o @ vs.T  # (G, S, S) ||v_j - o_t||^2
+        logit_sq += np.sum(np.square(s_hat - s), where=causal)
+        drop_sq += np.sum(v_o, where=causal)
+        pairs += G * int(causal.sum())
+    return logit_sq / pairs, v_err / (drop_sq / pairs)
 
 
 def report(cal: "Calibration", held, tiers=(64, 96, 128, 160, 192, 256), v_bits=(8, 4), page_size: int = 64,
            max_pages: int = 4, max_queries: int = 64) -> list[dict]:
     """Per ADA tier: bytes per token per head (K, V, metadata) and distortion on held-back keys: logit MSE
-    relative to the exact logits' variance, and cosine of attention outputs (softmax over the held-back keys
-    of a page group, values = keys' own exact rows as a stand-in signal)."""
+    relative to the exact logits' variance, and cosine of attention outputs with exact and coded keys (softmax
+    over the held-back keys of a page group, exact values)."""
     from .kv.ada import AdaTier, allocate_bits
 
     L, H, D = cal.q_sq.shape
@@ -149,21 +242,22 @@ def report(cal: "Calibration", held, tiers=(64, 96, 128, 160, 192, 256), v_bits=
         tier = AdaTier(allocate_bits(cal.pair_weight, bits), v_bits=v_bits[-1], v_group=vg)
         mse, cos = [], []
         for layer in range(L):
-            q_l, k_l = held[layer]
+            q_l, k_l, v_l = held[layer]
             n = min(max_pages, k_l.shape[1] // page_size)
             if n == 0:
                 continue
             for h in range(H):
                 data = tier.alloc(n, page_size, D)
                 k = k_l[h, : n * page_size].reshape(n, page_size, D)
+                v = v_l[h, : n * page_size].reshape(n, page_size, D)
                 for p in range(n):
-                    tier.write_page(data, p, k[p], k[p], (layer, h))
+                    tier.write_page(data, p, k[p], v[p], (layer, h))
                 q = q_l[h * G : (h + 1) * G, -max_queries:]  # (G, Tq, D)
                 s = tier.scores(data, np.arange(n), q, (layer, h), D**-0.5).reshape(G, q.shape[1], -1)
                 s_ref = np.einsum("gtd,nd->gtn", q, k.reshape(-1, D)) * D**-0.5
                 mse.append(np.mean((s - s_ref) ** 2) / np.var(s_ref))
                 p_ref, p_got = _softmax(s_ref), _softmax(s)
-                o_ref, o_got = p_ref @ k.reshape(-1, D), p_got @ k.reshape(-1, D)
+                o_ref, o_got = p_ref @ v.reshape(-1, D), p_got @ v.reshape(-1, D)
                 cos.append(np.mean(np.sum(o_ref * o_got, -1) / (np.linalg.norm(o_ref, axis=-1) *
                                                                    np.linalg.norm(o_got, axis=-1))))
         P = page_size
@@ -183,11 +277,20 @@ def _softmax(s):
     return e / e.sum(-1, keepdims=True)
 
 
-def calibrate(llm, text: str | None = None, source: str = "self-generated", held_back: float = 0.0):
-    """-> Calibration, or (Calibration, held-back q/k per layer) when held_back > 0 (for `report`)."""
+def calibrate(llm, text: str | None = None, source: str = "self-generated", ladder=DEFAULT_LADDER,
+              return_held: bool = False):
+    """Statistics from the first 1 - HELD_BACK of the text's tokens, the ladder's distortion on the rest
+    (skipped when a tier does not fit the head_dim). -> Calibration, or (Calibration, held-back q/k/v per
+    layer) with return_held (for `report`)."""
     from rich.progress import Progress
 
+    from .kv.ada import MAX_PAIR_BITS
+
     t0 = time.perf_counter()
+    D = llm.model.args.head_dim
+    v_group = math.gcd(LADDER_V_GROUP, D)
+    if ladder and max(key_bits for key_bits, _ in ladder) > MAX_PAIR_BITS * D // 2:
+        ladder = None
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
         if text is None:
             bar.add_task("calibrate: generating calibration text", total=None)
@@ -196,11 +299,21 @@ def calibrate(llm, text: str | None = None, source: str = "self-generated", held
         if len(tokens) < 256:
             raise ModelLoadError(f"calibration text is too short ({len(tokens)} tokens; at least 256 needed)")
         task = bar.add_task("calibrate: prefill", total=len(tokens))
-        out = collect_stats(llm.model, tokens, progress=lambda d, t: bar.update(task, completed=d),
-                            held_back=held_back)
-        (q_sq, k_range_sq), held = (out, None) if not held_back else out
-    meta = {"format": FORMAT, "source": source, "tokens": int(len(tokens)),
-            "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "seconds": round(time.perf_counter() - t0, 1),
-            "date": time.strftime("%Y-%m-%d")}
-    cal = Calibration(q_sq, k_range_sq, meta)
-    return cal if not held_back else (cal, held)
+        (q_sq, k_range_sq), held = collect_stats(llm.model, tokens, progress=lambda d, t: bar.update(task, completed=d),
+                                                 held_back=HELD_BACK)
+        n_held = held[0][1].shape[1]
+        meta = {"format": FORMAT, "source": source, "tokens": int(len(tokens)), "held_back_tokens": n_held,
+                "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
+        cal = Calibration(q_sq, k_range_sq, meta)
+        if ladder:
+            task = bar.add_task("calibrate: ladder distortion on held-back tokens", total=len(held))
+            tiers = ladder_tiers(cal, ladder, v_group)
+            terms = ladder_distortion(held, tiers, progress=lambda d, t: bar.update(task, completed=d))
+            cal.ladder_distortion = terms.sum(-1).astype(np.float32)  # (L, H, n_tiers)
+            meta.update(ladder=_ladder_spec(ladder), ladder_v_group=v_group, ladder_page=LADDER_PAGE,
+                        ladder_span_pages=SPAN_PAGES,
+                        ladder_mean=[{"tier": t.name, "key_bits": t.key_bits, "v_bits": t.v_bits, "d": float(lg + vl),
+                                      "logit": float(lg), "value": float(vl)}
+                                     for t, (lg, vl) in zip(tiers, terms.mean(axis=(0, 1)))])
+    meta.update(seconds=round(time.perf_counter() - t0, 1), date=time.strftime("%Y-%m-%d"))
+    return (cal, held) if return_held else cal

@@ -216,9 +216,18 @@ def paged_decode(q, descs, fill, page_ids, page_tiers, n_pages, scale: float, ou
     assert page_tiers.dtype == np.int8 and page_tiers.flags.c_contiguous and page_tiers.shape == (H, max_pages)
     assert n_pages.dtype == np.int32 and n_pages.flags.c_contiguous and n_pages.shape == (H,)
     assert fill.dtype == np.int32 and fill.flags.c_contiguous
-    arr = (TierDesc * len(descs))(*descs)
-    rc = L.skvrt_paged_decode(ptr(q), ctypes.addressof(arr), len(descs), ptr(fill), ptr(page_ids),
-                              ptr(page_tiers), ptr(n_pages), nq, H, D, max_pages, scale, ptr(out))
+    arr = descs if isinstance(descs, ctypes.Array) else (TierDesc * len(descs))(*descs)
+    paged_decode_unchecked(L, q, arr, fill, page_ids, page_tiers, n_pages, scale, out)
+
+
+def paged_decode_unchecked(L, q, descs, fill, page_ids, page_tiers, n_pages, scale: float, out) -> None:
+    """paged_decode without the Python-side checks (the cache's decode step; descs: a ctypes TierDesc array it
+    built once). The kernel still validates shapes and descriptors (rc != 0 -> ValueError)."""
+    H, max_pages = page_ids.shape
+    nq, D = q.shape
+    rc = L.skvrt_paged_decode(q.ctypes.data, ctypes.addressof(descs), len(descs), fill.ctypes.data,
+                              page_ids.ctypes.data, page_tiers.ctypes.data, n_pages.ctypes.data, nq, H, D,
+                              max_pages, scale, out.ctypes.data)
     if rc != 0:
         raise ValueError(f"paged_decode rejected its inputs (rc {rc}): nq={nq} H={H} D={D} tiers={len(descs)}")
 

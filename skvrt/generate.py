@@ -31,6 +31,7 @@ def prefill(model, cache, tokens: Sequence[int], chunk: int = PREFILL_CHUNK,
     if len(tokens) == 0:
         raise InputError("nothing to prefill: the prompt is empty")
     logits = None
+    chunk = min(chunk, getattr(cache, "max_chunk", chunk))  # budgeted caches take smaller chunks
     for start in range(0, len(tokens), chunk):
         logits = model.forward(tokens[start : start + chunk], cache)
         if progress:

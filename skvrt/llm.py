@@ -24,7 +24,8 @@ from .threads import set_threads
 
 class LLM:
     def __init__(self, loaded: LoadedModel, n_ctx: int | None = None, kv_dtype: str = "float16",
-                 threads: int | None = None, kv_policy: str = "full", kv_opts: dict | None = None):
+                 threads: int | None = None, kv_policy: str = "full", kv_opts: dict | None = None,
+                 kv_budget=None):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -32,7 +33,10 @@ class LLM:
         self.threads = set_threads(threads)
         n_ctx = n_ctx or self.args.max_position_embeddings
         self.kv_policy = kv_policy
-        self.cache = make_cache(self.args, n_ctx, kv_policy, kv_dtype, **(kv_opts or {}))
+        opts = dict(kv_opts or {})
+        if kv_budget is not None:
+            opts["budget"] = kv_budget
+        self.cache = make_cache(self.args, n_ctx, kv_policy, kv_dtype, **opts)
         self.cached_tokens: list[int] = []  # token ids whose K/V the cache holds, in order
         self.last_stats: GenerationResponse | None = None
 
@@ -98,12 +102,14 @@ class LLM:
 
 
 def load(model: str | None = None, n_ctx: int | None = None, kv_dtype: str = "float16",
-         threads: int | None = None, kv_policy: str = "full", kv_opts: dict | None = None) -> LLM:
+         threads: int | None = None, kv_policy: str = "full", kv_opts: dict | None = None,
+         kv_budget=None) -> LLM:
     """Load a model folder, a .gguf file, or a known model name (default: smollm2-135m-instruct).
 
-    kv_policy: see skvrt.kv.KV_POLICIES ("full", "window", "quant"); kv_opts: that policy's options,
-    e.g. {"window": 128} or {"k_bits": 2, "v_bits": 4}."""
+    kv_policy: see skvrt.kv.KV_POLICIES (full, window, ada, quant, snapkv, h2o, spherical); kv_opts: that
+    policy's options, e.g. {"window": 128} or {"k_bits": 2, "v_bits": 4}; kv_budget: the cache's byte budget
+    -- "25%" (of the fp16 cache at n_ctx), 0.25, "64MiB" or bytes -- required by snapkv / h2o / spherical."""
     from .store import resolve
 
     return LLM(load_folder(resolve(model)), n_ctx=n_ctx, kv_dtype=kv_dtype, threads=threads, kv_policy=kv_policy,
-               kv_opts=kv_opts)
+               kv_opts=kv_opts, kv_budget=kv_budget)

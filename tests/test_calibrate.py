@@ -1,20 +1,24 @@
-"""Calibration statistics, the sidecar, and the tier report."""
+"""Calibration statistics, the ladder's distortion, the sidecar, and the tier report."""
 
 from __future__ import annotations
+
+import types
 
 import numpy as np
 import pytest
 
-from skvrt.calibrate import SIDECAR, Calibration, collect_stats, load_calibration, report
+from skvrt.calibrate import (DEFAULT_LADDER, SIDECAR, Calibration, calibrate, collect_stats, ladder_distortion,
+                             ladder_tiers, load_calibration, report)
 from skvrt.errors import ModelLoadError
 from skvrt.kv import make_cache
-
-torch = pytest.importorskip("torch", reason="tiny models are built with transformers")
-from tests.test_model_tiny import build, make_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """A random 3-layer model: 2 kv heads, 2 query heads each, head_dim 16."""
+    pytest.importorskip("torch", reason="tiny models are built with transformers")
+    from tests.test_model_tiny import build, make_tiny
+
     folder, _ = make_tiny(tmp_path_factory.mktemp("cal"), "t", num_attention_heads=4, num_key_value_heads=2,
                           head_dim=16)
     model, _ = build(folder)
@@ -55,6 +59,110 @@ def test_sidecar_roundtrip_and_corrupt(tmp_path):
     with pytest.raises(ModelLoadError):
         load_calibration(tmp_path)
     assert load_calibration(tmp_path / "nowhere") is None
+
+
+def test_sidecar_ladder_roundtrip_old_sidecar_and_mismatch(tmp_path):
+    rng = np.random.default_rng(3)
+    q, k = rng.random((2, 3, 2, 16)).astype(np.float32)
+    meta = {"format": 1, "ladder": [[256, 4], [128, 4], [64, 2]], "ladder_v_group": 64, "ladder_page": 64}
+    d = rng.random((3, 2, 3)).astype(np.float32)
+    Calibration(q, k, meta, d).save(tmp_path)
+    back = load_calibration(tmp_path)
+    np.testing.assert_array_equal(back.distortion(DEFAULT_LADDER), d)
+    np.testing.assert_array_equal(back.distortion([(256, 4), (128, 4), (64, 2)], v_group=64, page_size=64), d)
+    assert back.distortion(DEFAULT_LADDER[:2]) is None  # another ladder
+    assert back.distortion(((256, 4), (128, 4), (64, 4))) is None
+    assert back.distortion(DEFAULT_LADDER, v_group=32) is None
+    assert back.distortion(DEFAULT_LADDER, page_size=32) is None
+    Calibration(q, k, {"format": 1}).save(tmp_path)  # a sidecar from before the ladder
+    old = load_calibration(tmp_path)
+    assert old.ladder_distortion is None and old.distortion(DEFAULT_LADDER) is None
+    Calibration(q, k, meta, d[..., :2]).save(tmp_path)  # tensor and metadata disagree
+    with pytest.raises(ModelLoadError):
+        load_calibration(tmp_path)
+
+
+def _synthetic_held(rng, L=2, H=2, G=2, T=29, D=16):
+    """held[layer] = (q (H G, T, D), k (H, T, D), v (H, T, D)); keys with a few large channels, like RoPE keys."""
+    k_scale = np.exp(rng.normal(0, 1, D)).astype(np.float32)
+    return [(rng.normal(0, 1, (H * G, T, D)).astype(np.float32),
+             (rng.normal(0, 1, (H, T, D)) * k_scale).astype(np.float32),
+             rng.normal(0, 1, (H, T, D)).astype(np.float32)) for _ in range(L)]
+
+
+def _slow_terms(tier, q, k, v, lh, P, span_pages):
+    """Twin of the distortion terms for one (layer, head) by loops over queries and keys, from the keys the
+    codes stand for (decode_keys) and the dequantised values. q (G, T, D), k, v (T, D)."""
+    n, D = len(k) // P, k.shape[1]
+    data = tier.alloc(n, P, D)
+    for p in range(n):
+        tier.write_page(data, p, k[p * P : (p + 1) * P], v[p * P : (p + 1) * P], lh)
+    k_hat = tier.decode_keys(data, np.arange(n), lh).reshape(-1, D).astype(np.float64)
+    v_hat = tier.read_values(data, np.arange(n)).reshape(-1, D).astype(np.float64)
+    q, k, v = (x.astype(np.float64) for x in (q, k[: n * P], v[: n * P]))
+    logit_sq = drop_sq = pairs = 0
+    for start in range(0, n * P, span_pages * P):
+        for g in range(len(q)):
+            for t in range(start, min(start + span_pages * P, n * P)):
+                keys = range(start, t + 1)
+                s = np.array([q[g, t] @ k[j] for j in keys]) / np.sqrt(D)
+                s_hat = np.array([q[g, t] @ k_hat[j] for j in keys]) / np.sqrt(D)
+                w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+                o = sum(wj * v[j] for wj, j in zip(w, keys))
+                for i, j in enumerate(keys):
+                    logit_sq += (s_hat[i] - s[i]) ** 2
+                    drop_sq += np.sum((v[j] - o) ** 2)
+                    pairs += 1
+    v_err = np.mean([np.sum((v_hat[j] - v[j]) ** 2) for j in range(n * P)])
+    return logit_sq / pairs, v_err / (drop_sq / pairs)
+
+
+def test_ladder_distortion_matches_slow_twin():
+    rng = np.random.default_rng(4)
+    held = _synthetic_held(rng)  # 29 tokens: 3 whole pages of 8, in spans of 2 pages and 1
+    cal = Calibration(rng.random((2, 2, 16)).astype(np.float32), rng.random((2, 2, 16)).astype(np.float32), {})
+    tiers = ladder_tiers(cal, ((32, 4), (16, 2)), v_group=8)
+    terms = ladder_distortion(held, tiers, page_size=8, span_pages=2)  # (L, H, n_tiers, 2)
+    assert terms.shape == (2, 2, 2, 2)
+    for layer, (q, k, v) in enumerate(held):
+        for h in range(2):
+            for i, tier in enumerate(tiers):
+                ref = _slow_terms(tier, q[2 * h : 2 * h + 2], k[h], v[h], (layer, h), P=8, span_pages=2)
+                np.testing.assert_allclose(terms[layer, h, i], ref, rtol=1e-4)
+
+
+def test_ladder_distortion_richer_tier_less_and_lossless_near_zero(tiny):
+    folder, model = tiny
+    tokens = np.random.default_rng(5).integers(0, 97, size=400)
+    (q, k), held = collect_stats(model, tokens, page_size=16, held_back=0.5)
+    cal = Calibration(q, k, {"format": 1})
+    # 12 bits per pair (the most) + 8-bit values, then poorer and poorer tiers
+    tiers = ladder_tiers(cal, ((96, 8), (64, 4), (32, 4), (16, 2)), v_group=16)
+    terms = ladder_distortion(held, tiers, page_size=16, span_pages=4)
+    d = terms.sum(-1)  # (L, H, n_tiers)
+    assert d.shape == (3, 2, 4) and np.isfinite(terms).all() and (terms >= 0).all()
+    mean = d.mean(axis=(0, 1))
+    assert (np.diff(mean) > 0).all(), mean
+    assert (d[..., 1:] > d[..., :-1]).mean() > 0.8  # richer is better for most (layer, head) too
+    assert mean[0] < 1e-3, mean
+
+
+def test_calibrate_stores_the_ladder(tiny, tmp_path):
+    folder, model = tiny
+    llm = types.SimpleNamespace(model=model, tokenizer=types.SimpleNamespace(encode=lambda s: [ord(c) % 97 for c in s]))
+    text = "".join(chr(32 + i) for i in np.random.default_rng(6).integers(0, 90, size=400))
+    ladder = ((64, 8), (32, 4))
+    cal, held = calibrate(llm, text, "test", ladder=ladder, return_held=True)
+    assert cal.meta["held_back_tokens"] == 100 and held[0][1].shape == (2, 100, 16)
+    assert [r["tier"] for r in cal.meta["ladder_mean"]] == ["ada64-v8", "ada32-v4"]
+    cal.save(tmp_path)
+    back = load_calibration(tmp_path)
+    d = back.distortion(ladder, v_group=16)  # head_dim 16: value groups of gcd(64, 16)
+    assert d.shape == (3, 2, 2) and (d[..., 0] < d[..., 1]).mean() > 0.8
+    np.testing.assert_allclose(d.mean(axis=(0, 1)), [r["d"] for r in back.meta["ladder_mean"]], rtol=1e-5)
+    assert back.distortion(ladder) is None and back.distortion(DEFAULT_LADDER) is None
+    # the default ladder's 256 key bits do not fit 8 pairs of 12 bits: statistics only
+    assert calibrate(llm, text, "test").ladder_distortion is None
 
 
 def test_report_more_bits_less_distortion(tiny):

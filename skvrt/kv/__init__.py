@@ -27,7 +27,8 @@ KV_POLICIES = {
     "quant": "KIVI-like: sinks + recent window dense, older tokens as per-channel int-k keys and per-token "
              "int-v values (k_bits / v_bits / v_group options; default 4 / 4 / 32)",
     "snapkv": "SnapKV-like eviction under --kv-budget: tokens kept at dense precision by the attention of each "
-              "prefill chunk's last queries (pooled over neighbours), the rest dropped",
+              "prefill chunk's last queries (pooled over neighbours) and, for tokens written during decoding, of "
+              "the decode steps since (a mean per observing query), the rest dropped",
     "h2o": "H2O-like eviction under --kv-budget: tokens kept at dense precision by accumulated attention "
            "(prefill observation window + every decode step), the rest dropped",
     "spherical": "Spherical KV (ADA + RDR) under --kv-budget: each token outside sinks + window gets an ADA tier "
@@ -84,7 +85,7 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
         return Policy("window", **common)
     if kv_policy in ("snapkv", "h2o"):
         return Policy(kv_policy, old_tiers=(DenseTier(kv_dtype),), allocator="rdr", obs=obs,
-                      utility="prefill" if kv_policy == "snapkv" else "sum", **common)
+                      utility="mean" if kv_policy == "snapkv" else "sum", **common)
     if kv_policy in ("ada", "spherical") and calibration is None:
         if kv_policy == "spherical":
             raise InputError("--kv-policy spherical needs the model's calibration sidecar: run `skvrt calibrate`")

@@ -49,18 +49,34 @@ def split_bits(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def pack_bits(fields: list[tuple[np.ndarray, int]], n_bytes: int) -> np.ndarray:
     """fields: [(codes (n,), width)] in order -> (n, n_bytes) uint8, little-endian bit stream per token."""
     n = len(fields[0][0]) if fields else 0
-    bits = [((c[:, None] >> np.arange(w)) & 1).astype(np.uint8) for c, w in fields if w]
-    stream = np.concatenate(bits, axis=1) if bits else np.zeros((n, 0), np.uint8)
-    stream = np.pad(stream, ((0, 0), (0, 8 * n_bytes - stream.shape[1])))
-    return np.packbits(stream, axis=1, bitorder="little")
+    words = np.zeros((n, (n_bytes + 15) // 8), np.uint64)  # one spare word for fields crossing the last one
+    o = 0
+    for c, w in fields:
+        if w:
+            v = np.asarray(c).astype(np.uint64) & np.uint64((1 << w) - 1)
+            i, s = divmod(o, 64)
+            words[:, i] |= v << np.uint64(s)
+            if s + w > 64:
+                words[:, i + 1] |= v >> np.uint64(64 - s)
+        o += w
+    return words.astype("<u8").view(np.uint8).reshape(n, -1)[:, :n_bytes]
 
 
 def unpack_bits(packed: np.ndarray, widths: list[int]) -> list[np.ndarray]:
     """(..., n_bytes) uint8 -> one int array (...) per width, in order."""
-    stream = np.unpackbits(packed, axis=-1, bitorder="little").astype(np.int64)
+    nb = packed.shape[-1]
+    pad = np.zeros((*packed.shape[:-1], -(-nb // 8) * 8 + 8 - nb), np.uint8)
+    words = np.ascontiguousarray(np.concatenate([packed, pad], axis=-1)).view("<u8")  # (..., n_words + 1)
     out, o = [], 0
     for w in widths:
-        out.append((stream[..., o : o + w] << np.arange(w)).sum(-1) if w else np.zeros(stream.shape[:-1], np.int64))
+        if not w:
+            out.append(np.zeros(packed.shape[:-1], np.int64))
+            continue
+        i, s = divmod(o, 64)
+        v = words[..., i] >> np.uint64(s)
+        if s + w > 64:
+            v = v | (words[..., i + 1] << np.uint64(64 - s))
+        out.append((v & np.uint64((1 << w) - 1)).astype(np.int64))
         o += w
     return out
 

@@ -48,7 +48,8 @@ class Policy:
     old_tiers: tuple = ()  # tiers for tokens that leave the window, richest first; () = drop (fifo)
     keep_all: bool = True
     allocator: str = "fifo"  # "fifo" or "rdr" (see the module docstring)
-    utility: str = "mean"  # rdr: "mean" attention mass per observing query, "sum" (H2O), "prefill" (SnapKV)
+    utility: str = "mean"  # rdr: "mean" attention mass per observing query, "sum" (H2O), "prefill" (observation
+    # windows of prefill chunks only)
     distortion: np.ndarray | None = None  # rdr: (L, H, len(old_tiers)) relative distortion (drop = 1)
     budget: str | int | float | None = None  # bytes (int), "25%", "64MiB", a fraction (float); None: no cap
     obs: int = 32  # rdr: observation window, the last queries of each prefill chunk that score tokens
@@ -154,6 +155,7 @@ class PagedKVCache:
                 ba, br = split_bits(t.pair_bits)
                 self._ada_bits[i] = (np.ascontiguousarray(ba, np.uint8), np.ascontiguousarray(br, np.uint8))
         self._c_decode = all(isinstance(t, (DenseTier, AdaTier)) for t in tiers)
+        self._descs = {}  # (layer, with mass) -> ctypes TierDesc array for the C decode kernel
         self._obs = []  # positions of the queries whose attention was added to `mass` (sorted)
         self._pending_obs = []  # this forward's observers, recorded by attend(layer 0), committed by advance
         self.allocator_seconds = 0.0  # time spent in rdr.assign + applying its plans (reported by bench)
@@ -506,10 +508,14 @@ class PagedKVCache:
                 ckernels.dense_decode(qc, self.pools[DENSE], t.page_ids[layer], t.n_pages[layer], self.scale, out,
                                       with_mass=bool(n_obs))
             else:
-                descs = [ckernels.tier_desc(p, layer, self._ada_bits.get(i), with_mass=bool(n_obs))
-                         for i, p in enumerate(self.pools)]
-                ckernels.paged_decode(qc, descs, self.arena.fill, t.page_ids[layer], t.page_tiers[layer],
-                                      t.n_pages[layer], self.scale, out)
+                key = (layer, bool(n_obs))
+                if key not in self._descs:  # raw pointers into the arena and bit tables: fixed for the cache's life
+                    descs = [ckernels.tier_desc(p, layer, self._ada_bits.get(i), with_mass=bool(n_obs))
+                             for i, p in enumerate(self.pools)]
+                    self._descs[key] = (ckernels.TierDesc * len(descs))(*descs)
+                ckernels.paged_decode_unchecked(ckernels.lib(), qc, self._descs[key], self.arena.fill,
+                                                t.page_ids[layer], t.page_tiers[layer], t.n_pages[layer],
+                                                self.scale, out)
             return out[:, None, :]
         out = np.empty_like(q)
         for h in range(self.n_kv_heads):
