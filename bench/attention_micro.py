@@ -33,7 +33,6 @@ import numpy as np  # noqa: E402
 from skvrt import ckernels, threads  # noqa: E402
 from skvrt.calibrate import Calibration, load_calibration  # noqa: E402
 from skvrt.kv import make_policy  # noqa: E402
-from skvrt.kv.ada import split_bits  # noqa: E402
 from skvrt.kv.cache import PagedKVCache  # noqa: E402
 
 H, G, D, P = 3, 3, 64, 64
@@ -72,6 +71,7 @@ def build(n: int, policy, rng) -> PagedKVCache:
 
 
 def step_bytes(cache) -> int:
+    """Bytes of the pages (frames + fill counts) the layer's step reads."""
     t = cache.table
     return sum(cache.pools[int(tier)].page_bytes for h in range(H) for tier in t.pages(0, h)[1])
 
@@ -133,10 +133,12 @@ def main() -> None:
         for tier in (128, 192):
             c = build(n, make_policy("ada", tier=tier, v_bits=4, calibration=cal), rng)
             ada[tier] = c
-            ba, br = (np.ascontiguousarray(b, np.uint8) for b in split_bits(c.pools[1].tier.pair_bits[0]))
+            descs = [ckernels.tier_desc(p, 0, c._ada_bits.get(i)) for i, p in enumerate(c.pools)]
+            arr = (ckernels.TierDesc * len(descs))(*descs)
             tc = c.table
-            named.append((f"C ada{tier}-v4", lambda c=c, tc=tc, ba=ba, br=br: ckernels.mixed_decode(
-                q, c.pools[0], c.pools[1], tc.page_ids[0], tc.page_tiers[0], tc.n_pages[0], ba, br, c.scale, out), c))
+            named.append((f"C ada{tier}-v4", lambda c=c, tc=tc, arr=arr: ckernels.paged_decode_unchecked(
+                ckernels.lib(), q, arr, c.arena.fill, tc.page_ids[0], tc.page_tiers[0], tc.n_pages[0], c.scale, out),
+                c))
         secs = timeit([fn for _, fn, _ in named], a.repeats)
         res = [(name, sec, step_bytes(c)) for (name, _, c), sec in zip(named, secs)]
         flush = flusher(a.flush_mib)

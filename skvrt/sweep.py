@@ -3,7 +3,8 @@
     skvrt eval sweep --text FILE --budgets 50,25,12.5,6.25 --policies window,snapkv,h2o,quant,ada,spherical
                      --out DIR [--max-windows N]
 
-Budgeted policies (snapkv, h2o, spherical) take the budget as their arena size. The others have no budget
+Budgeted policies (snapkv, h2o, spherical) take the budget as their arena size (snapkv / h2o with half of it
+as their recent window, as in the H2O paper; spherical with its default 32-token window). The others have no budget
 knob of their own, so each is configured to the richest setting whose preallocated arena (every page it can
 ever need at the window's context, chunked prefill of RDR_CHUNK tokens) fits the budget: window -> the
 longest recent window, quant -> the widest (k_bits, v_bits), ada -> the largest key tier (values int4, then
@@ -54,9 +55,19 @@ def _arena_bytes(args, n_ctx: int, policy: str, opts: dict) -> int | None:
 
 def fit_policy(args, policy: str, budget: float, n_ctx: int) -> dict | None:
     """Options that make `policy` fit `budget` (a fraction of the fp16 cache at n_ctx), or None."""
-    if policy in BUDGETED:  # eviction policies hold dense tokens in 16-token pages (frames of ~4 KB, like ADA's)
-        opts = {"budget": budget, **({"page_size": 16} if policy != "spherical" else {})}
+    if policy == "spherical":
+        opts = {"budget": budget}
         return opts if _arena_bytes(args, n_ctx, policy, opts) is not None else None
+    if policy in BUDGETED:
+        # eviction baselines as their papers run them: half of the budget is the recent window (H2O's
+        # heavy-hitter / recent split), dense tokens in 16-token pages (frames of ~4 KB, like ADA's)
+        w = int(budget * n_ctx / 2) // 16 * 16
+        while w >= 16:
+            opts = {"budget": budget, "page_size": 16, "window": w}
+            if _arena_bytes(args, n_ctx, policy, opts) is not None:
+                return opts
+            w //= 2
+        return None
     limit = budget * n_ctx * args.num_hidden_layers * args.num_key_value_heads * 2 * args.head_dim * 2
     if policy == "full":
         candidates = [{}]

@@ -69,7 +69,8 @@ def proxy_distortion(calibration, tiers) -> np.ndarray:
 
 def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = None, k_bits: int = 4,
                 v_bits: int = 4, v_group: int = 32, tier: int = 192, calibration=None, budget=None,
-                ladder=None, kv_dtype: str = "float16", obs: int = 32, chunk: int | None = None) -> Policy:
+                ladder=None, kv_dtype: str = "float16", obs: int = 32, chunk: int | None = None,
+                distortion: str = "measured") -> Policy:
     if kv_policy not in KV_POLICIES:
         raise InputError(f"unknown --kv-policy {kv_policy!r}; valid: {', '.join(KV_POLICIES)}")
     if window is None:
@@ -98,7 +99,9 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
         if any(kb > max_bits for kb, _ in steps):
             raise InputError(f"ladder key bits must be <= {max_bits}")
         tiers = tuple(AdaTier(allocate_bits(calibration.pair_weight, kb), vb, LADDER_V_GROUP) for kb, vb in steps)
-        measured = calibration.distortion(steps, LADDER_V_GROUP) if hasattr(calibration, "distortion") else None
+        if distortion not in ("measured", "proxy"):
+            raise InputError(f"distortion must be measured (the sidecar's, when it has this ladder) or proxy")
+        measured = calibration.distortion(steps, LADDER_V_GROUP) if distortion == "measured" else None
         dist = measured if measured is not None else proxy_distortion(calibration, tiers)
         return Policy("spherical", old_tiers=tiers, allocator="rdr", utility="mean", distortion=dist, obs=obs,
                       **common)
