@@ -80,6 +80,12 @@ def main() -> None:
             print(row, flush=True)
             lines.append(row)
             t_block = time.perf_counter()
+    per_head = np.array(cache.stats(per_head=True)["bytes_per_head"])  # (L, H) bytes of pages held
+    lines += ["", "Bytes held per layer at the end (sum over KV heads; per-head min / max) -- the allocator's "
+              "per-layer and per-head budgets:", "", "| layer | bytes | per head min | per head max |",
+              "|---:|---:|---:|---:|"]
+    lines += [f"| {i} | {row.sum():,} | {row.min():,} | {row.max():,} |" for i, row in enumerate(per_head)]
+    print("\n".join(lines[-len(per_head) - 5:]))
     cache.reset()
     assert sum(p.n_used for p in cache.pools) == 0 and cache.arena.n_free == cache.arena.n_frames
     lines += ["", "Budget held and no page leaked at every one of the steps (checked after each); after reset "

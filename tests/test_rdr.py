@@ -43,10 +43,14 @@ def test_assign_fits_and_is_near_optimal(seed, n, capacity):
     cur = rng.integers(0, 3, n)
     util = rng.exponential(1, n)
     dist = np.sort(rng.uniform(0, 1, (n_lh, 2)), axis=1)  # richer tier -> lower distortion
-    got = rdr.assign(lh, cur, util, dist, sizes, capacity, n_lh)
+    got, lam = rdr.assign(lh, cur, util, dist, sizes, capacity, n_lh)
     assert (got >= np.maximum(cur, 1)).all(), "a token was promoted"
     assert rdr.frames_needed(lh, got, sizes, n_lh) <= capacity
-    assert (got == rdr.assign(lh, cur, util, dist, sizes, capacity, n_lh)).all()  # deterministic
+    assert (got == rdr.assign(lh, cur, util, dist, sizes, capacity, n_lh)[0]).all()  # deterministic
+    # a warm start from any multiplier also ends on a fitting plan
+    for hint in (lam * 0.3, lam * 3, 1e-6, 1e6):
+        got2, _ = rdr.assign(lh, cur, util, dist, sizes, capacity, n_lh, hint=hint)
+        assert rdr.frames_needed(lh, got2, sizes, n_lh) <= capacity
     d = np.concatenate([dist, np.ones((n_lh, 1))], axis=1)
     cost = float((util * d[lh, got - 1]).sum())
     opt = brute_force(lh, cur, util, dist, sizes, capacity, n_lh)
@@ -59,7 +63,7 @@ def test_assign_prefers_high_utility_and_spends_the_budget():
     n_lh, sizes = 1, np.array([4])
     util = np.array([5.0, 0.1, 3.0, 0.2, 4.0, 0.3, 2.0, 0.01])
     lh, cur = np.zeros(8, np.int64), np.zeros(8, np.int64)
-    got = rdr.assign(lh, cur, util, np.zeros((1, 1)), sizes, 1, n_lh)  # room for 4 tokens
+    got, _ = rdr.assign(lh, cur, util, np.zeros((1, 1)), sizes, 1, n_lh)  # room for 4 tokens
     assert sorted(np.nonzero(got == 1)[0]) == [0, 2, 4, 6]
 
 

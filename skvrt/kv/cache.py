@@ -158,6 +158,7 @@ class PagedKVCache:
         self._descs = {}  # (layer, with mass) -> ctypes TierDesc array for the C decode kernel
         self._obs = []  # positions of the queries whose attention was added to `mass` (sorted)
         self._pending_obs = []  # this forward's observers, recorded by attend(layer 0), committed by advance
+        self._lam = None  # the allocator's last Lagrange multiplier (its next search starts there)
         self.allocator_seconds = 0.0  # time spent in rdr.assign + applying its plans (reported by bench)
         self.allocator_runs = 0
 
@@ -300,37 +301,40 @@ class PagedKVCache:
         write the leaving tokens into their tiers. Never needs more frames than the arena has."""
         t0 = time.perf_counter()
         L, H = self.n_layers, self.n_kv_heads
-        # candidates: leaving tokens (current tier 0) and stored old tokens
+        # candidates: leaving tokens (current tier 0), in (layer, head) order, then stored old tokens
         leaving = {}
         cand_lh, cand_cur, cand_pos, cand_mass = [], [], [], []
-        for layer in range(L):
-            for h in range(H):
-                lh = layer * H + h
-                if lo is not None:
-                    k, v, pos, mass = self._take_dense(layer, h, lo, hi)
-                    leaving[lh] = (k, v, pos)
-                    cand_lh.append(np.full(len(pos), lh))
-                    cand_cur.append(np.zeros(len(pos), np.int64))
-                    cand_pos.append(pos)
-                    cand_mass.append(mass if mass is not None else np.zeros(len(pos)))
-                ids, tiers = self.table.pages(layer, h)
-                for pid, t in zip(ids, tiers):
-                    if t == DENSE:
-                        continue
-                    pool, f = self.pools[t], int(self.arena.fill[pid])
-                    cand_lh.append(np.full(f, lh))
-                    cand_cur.append(np.full(f, int(t)))
-                    cand_pos.append(pool.positions[pid, :f].copy())
-                    cand_mass.append(pool.mass[pid, :f].astype(np.float64))
-        lh_all = np.concatenate(cand_lh) if cand_lh else np.zeros(0, np.int64)
-        cur = np.concatenate(cand_cur) if cand_cur else np.zeros(0, np.int64)
-        pos = np.concatenate(cand_pos) if cand_pos else np.zeros(0, np.int32)
-        mass = np.concatenate(cand_mass) if cand_mass else np.zeros(0)
+        if lo is not None:
+            for lh in range(L * H):
+                k, v, pos, mass = self._take_dense(*divmod(lh, H), lo, hi)
+                leaving[lh] = (k, v, pos)
+                cand_lh.append(np.full(len(pos), lh))
+                cand_cur.append(np.zeros(len(pos), np.int64))
+                cand_pos.append(pos)
+                cand_mass.append(mass if mass is not None else np.zeros(len(pos)))
+        t = self.table
+        entry = np.arange(t.max_pages)[None, :] < t.n_pages.reshape(-1, 1)  # (L*H, max_pages) valid entries
+        e_lh, e_i = np.nonzero(entry & (t.page_tiers.reshape(L * H, -1) > 0))
+        e_pid = t.page_ids.reshape(L * H, -1)[e_lh, e_i]
+        e_tier = t.page_tiers.reshape(L * H, -1)[e_lh, e_i]
+        for tier in range(1, len(self.pools)):
+            pool, sel = self.pools[tier], e_tier == tier
+            pids = e_pid[sel]
+            fill = self.arena.fill[pids]
+            held = np.arange(pool.page_size)[None, :] < fill[:, None]  # (n_pages, P), row-major = repeat order
+            cand_lh.append(np.repeat(e_lh[sel], fill))
+            cand_cur.append(np.full(int(fill.sum()), tier))
+            cand_pos.append(pool.positions[pids][held])
+            cand_mass.append(pool.mass[pids][held].astype(np.float64))
+        lh_all = np.concatenate(cand_lh).astype(np.int64)
+        cur = np.concatenate(cand_cur).astype(np.int64)
+        pos = np.concatenate(cand_pos)
+        mass = np.concatenate(cand_mass)
         util = rdr.pool_neighbours(lh_all, pos, self.utilities(pos, mass))
         dist = self._distortion()  # (L*H, n_old_tiers)
         sizes = np.array([p.page_size for p in self.pools[1:]])
         capacity = self._old_capacity(reserve_extra)
-        choice = rdr.assign(lh_all, cur, util, dist, sizes, capacity, L * H)
+        choice, self._lam = rdr.assign(lh_all, cur, util, dist, sizes, capacity, L * H, hint=self._lam)
         self._apply(lh_all, cur, pos, mass, choice, leaving)
         self.allocator_seconds += time.perf_counter() - t0
         self.allocator_runs += 1
@@ -355,7 +359,9 @@ class PagedKVCache:
         for lh in np.unique(lh_all[changing]):
             layer, h = divmod(int(lh), H)
             sel = np.nonzero(changing & (lh_all == lh))[0]
-            gone = {(int(c), int(p)): int(t) for c, p, t in zip(cur[sel], pos[sel], choice[sel])}
+            key = cur[sel] * (1 << 32) + pos[sel]  # (tier, position) of each changing token, sorted below
+            order = np.argsort(key)
+            key, dest_of = key[order], choice[sel][order]
             i = 0
             while i < self.table.n_pages[layer, h]:
                 t = int(self.table.page_tiers[layer, h, i])
@@ -365,11 +371,13 @@ class PagedKVCache:
                 pid = int(self.table.page_ids[layer, h, i])
                 pool, f = self.pools[t], int(self.arena.fill[pid])
                 ppos = pool.positions[pid, :f]
-                dest = np.array([gone.get((t, int(p)), -1) for p in ppos])
-                out = dest >= 0
+                pk = t * (1 << 32) + ppos.astype(np.int64)
+                j = np.minimum(np.searchsorted(key, pk), len(key) - 1)
+                out = key[j] == pk
                 if not out.any():
                     i += 1
                     continue
+                dest = np.where(out, dest_of[j], -1)
                 keep_moving = out & (dest != drop)
                 if keep_moving.any():
                     k, v = self._read_page(t, pid, f, (layer, h))

@@ -46,32 +46,43 @@ def frames_needed(lh: np.ndarray, tier: np.ndarray, sizes: np.ndarray, n_lh: int
 
 
 def assign(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, sizes: np.ndarray,
-           capacity: int, n_lh: int, iters: int = 40) -> np.ndarray:
+           capacity: int, n_lh: int, hint: float | None = None, rel_tol: float = 1e-3) -> tuple[np.ndarray, float]:
     """lh (n,) layer * H + head of each token; cur (n,) its tier now (0 = still dense, leaving the window;
     1..T an old tier); util (n,) >= 0; dist (n_lh, T) relative distortion of each old tier; sizes (T,) tokens
-    per page of each old tier; capacity: pages the old tiers may use. -> tier (n,) in 1..T + 1 (T + 1 = drop),
-    never richer than cur. Deterministic (ties go to the richer tier)."""
+    per page of each old tier; capacity: pages the old tiers may use; hint: the multiplier of the previous
+    call (the search starts around it). -> (tier (n,) in 1..T + 1 (T + 1 = drop), never richer than cur;
+    the multiplier used). The smallest multiplier that fits, to rel_tol. Deterministic (ties go to the
+    richer tier)."""
     n, T = len(lh), len(sizes)
     if n == 0:
-        return np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), 0.0
     d = np.concatenate([np.asarray(dist, np.float64), np.ones((n_lh, 1))], axis=1)  # (n_lh, T + 1)
     cost = util.astype(np.float64)[:, None] * d[lh]  # (n, T + 1) utility x distortion
+    cost[np.arange(T + 1)[None, :] < np.maximum(cur, 1)[:, None] - 1] = np.inf  # demotions only
     rate = np.append(1.0 / np.asarray(sizes, np.float64), 0.0)  # (T + 1,) pages per token
-    allowed = np.arange(1, T + 2)[None, :] >= np.maximum(cur, 1)[:, None]  # demotions only
 
     def choose(lam: float) -> np.ndarray:
-        return np.argmin(np.where(allowed, cost + lam * rate, np.inf), axis=1) + 1
+        return np.argmin(cost + lam * rate, axis=1) + 1
 
-    best = choose(0.0)
-    if frames_needed(lh, best, sizes, n_lh) <= capacity:
-        return best
-    lo, hi = 0.0, max(float(cost.max()), 1e-12) * float(sizes.max()) * 4 + 1e-12
-    best = choose(hi)  # every token dropped: 0 pages
-    for _ in range(iters):
+    def fits(lam: float) -> bool:
+        return frames_needed(lh, choose(lam), sizes, n_lh) <= capacity
+
+    if fits(0.0):
+        return choose(0.0), 0.0
+    top = max(float(np.max(cost[np.isfinite(cost)])), 1e-12) * float(np.max(sizes)) * 4  # all dropped: fits
+    lo, hi = (hint, hint) if hint and 0 < hint < top else (0.0, top)
+    if lo == hi:  # bracket the previous multiplier
+        if fits(hi):
+            lo = hi / 2
+            while lo > 1e-30 and fits(lo):
+                hi, lo = lo, lo / 2
+        else:
+            while not fits(hi) and hi < top:
+                lo, hi = hi, min(hi * 2, top)
+    while hi - lo > rel_tol * hi:
         mid = (lo + hi) / 2
-        c = choose(mid)
-        if frames_needed(lh, c, sizes, n_lh) <= capacity:
-            hi, best = mid, c
+        if fits(mid):
+            hi = mid
         else:
             lo = mid
-    return best
+    return choose(hi), hi
