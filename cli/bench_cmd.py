@@ -53,6 +53,8 @@ def bench(
         None, "--ctx-size", "-c",
         help="KV cache size in tokens (default: largest context + n-decode, rounded up to 256)."),
     no_warmup: bool = typer.Option(False, "--no-warmup", help="Skip the short untimed warm-up run."),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="auto, cpu or cuda (default: $SKVRT_DEVICE, else auto); cuda never falls back."),
 ) -> None:
     """Benchmark prefill and decode speed, peak RSS and KV bytes/token at several context lengths."""
     import skvrt
@@ -70,6 +72,9 @@ def bench(
     if ctx_size is not None and ctx_size < 1:
         raise InputError("--ctx-size must be >= 1")
     n_ctx = ctx_size or default_ctx_size(ctx_list, n_decode)
+    from skvrt.backend import select
+
+    select(device, for_model=True)  # DeviceError (exit 1, the reason) before the model is loaded
 
     from rich.console import Console
 
@@ -80,7 +85,7 @@ def bench(
         from .eval_cmd import with_tier
 
         llm = skvrt.load(model, n_ctx=n_ctx, kv_dtype=kv_dtype, threads=threads, kv_policy=kv_policy,
-                         kv_opts=parse_policy_opts(with_tier(kv_opt, kv_tier, kv_budget)))
+                         kv_opts=parse_policy_opts(with_tier(kv_opt, kv_tier, kv_budget)), device=device)
 
         def progress(msg: str) -> None:
             status.update(f"bench: {msg}")

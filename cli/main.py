@@ -40,6 +40,7 @@ ThreadsOpt = typer.Option(None, "--threads", "-t", help="BLAS threads (default: 
 KvDtypeOpt = typer.Option("float16", "--kv-dtype", help="Dense KV tier storage: float16 or float32.")
 KvPolicyOpt = typer.Option("full", "--kv-policy", help="KV cache policy: full, window (sinks + recent), ada (angle-domain key codes; --kv-tier), quant (int K/V for old tokens), snapkv / h2o (eviction under --kv-budget), spherical (ADA + RDR under --kv-budget).")
 KvTierOpt = typer.Option(None, "--kv-tier", help="ADA tier: key bits per token per KV head (e.g. 128, 192, 256).")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda (default: $SKVRT_DEVICE, else auto). cuda fails with the reason when CuPy, a GPU or NVRTC is missing; it never falls back to the CPU.")
 KvOptOpt = typer.Option([], "--kv-opt", help="Policy option key=value (repeatable): sinks, window, k_bits, v_bits, v_group, ladder (spherical, e.g. 256:4,128:4,64:2).")
 
 
@@ -67,13 +68,13 @@ def read_prompt(prompt: str) -> str:
         raise InputError(f"stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
-def load_llm(model, ctx_size, threads, kv_dtype, kv_policy="full", kv_opt=()):
+def load_llm(model, ctx_size, threads, kv_dtype, kv_policy="full", kv_opt=(), device=None):
     import skvrt
     from skvrt.evaluate import parse_policy_opts
 
     opts = parse_policy_opts(list(kv_opt))
     return skvrt.load(model, n_ctx=ctx_size, kv_dtype=check_kv_dtype(kv_dtype), threads=threads,
-                      kv_policy=kv_policy, kv_opts=opts)
+                      kv_policy=kv_policy, kv_opts=opts, device=device)
 
 
 def print_stats(r, llm, file=sys.stderr) -> None:
@@ -114,6 +115,7 @@ def run(
     kv_opt: list[str] = KvOptOpt,
     kv_tier: Optional[int] = KvTierOpt,
     kv_budget: Optional[str] = KvBudgetOpt,
+    device: Optional[str] = DeviceOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory stats to stderr."),
 ):
     """Generate a completion for one prompt and stream it to stdout."""
@@ -121,7 +123,7 @@ def run(
     if not text.strip():
         raise InputError("the prompt is empty")
     opts = sampling(temp, top_p, top_k, min_p, repeat_penalty, seed)
-    llm = load_llm(model, ctx_size, threads, kv_dtype, kv_policy, with_tier(kv_opt, kv_tier, kv_budget))
+    llm = load_llm(model, ctx_size, threads, kv_dtype, kv_policy, with_tier(kv_opt, kv_tier, kv_budget), device)
     if raw:
         stream = llm.stream(text, max_tokens, stop=stop, **opts)
     else:
@@ -157,12 +159,13 @@ def chat(
     kv_opt: list[str] = KvOptOpt,
     kv_tier: Optional[int] = KvTierOpt,
     kv_budget: Optional[str] = KvBudgetOpt,
+    device: Optional[str] = DeviceOpt,
 ):
     """Interactive chat (REPL). /help lists commands; Ctrl-C stops a reply, Ctrl-C at the prompt exits."""
     from .repl import ChatREPL
 
     opts = sampling(temp, top_p, top_k, min_p, repeat_penalty, seed)
-    llm = load_llm(model, ctx_size, threads, kv_dtype, kv_policy, with_tier(kv_opt, kv_tier, kv_budget))
+    llm = load_llm(model, ctx_size, threads, kv_dtype, kv_policy, with_tier(kv_opt, kv_tier, kv_budget), device)
     ChatREPL(llm, system_prompt, max_tokens, opts).loop()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from .backend import select as select_device
 from .errors import InputError
 from .generate import GenerationResponse, check_fits, stream_generate
 from .kv import make_cache
@@ -25,7 +26,8 @@ from .threads import set_threads
 class LLM:
     def __init__(self, loaded: LoadedModel, n_ctx: int | None = None, kv_dtype: str = "float16",
                  threads: int | None = None, kv_policy: str = "full", kv_opts: dict | None = None,
-                 kv_budget=None):
+                 kv_budget=None, device: str | None = None):
+        self.device = select_device(device, for_model=True)  # DeviceError for an unusable --device cuda
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -103,13 +105,17 @@ class LLM:
 
 def load(model: str | None = None, n_ctx: int | None = None, kv_dtype: str = "float16",
          threads: int | None = None, kv_policy: str = "full", kv_opts: dict | None = None,
-         kv_budget=None) -> LLM:
+         kv_budget=None, device: str | None = None) -> LLM:
     """Load a model folder, a .gguf file, or a known model name (default: smollm2-135m-instruct).
 
     kv_policy: see skvrt.kv.KV_POLICIES (full, window, ada, quant, snapkv, h2o, spherical); kv_opts: that
     policy's options, e.g. {"window": 128} or {"k_bits": 2, "v_bits": 4}; kv_budget: the cache's byte budget
-    -- "25%" (of the fp16 cache at n_ctx), 0.25, "64MiB" or bytes -- required by snapkv / h2o / spherical."""
+    -- "25%" (of the fp16 cache at n_ctx), 0.25, "64MiB" or bytes -- required by snapkv / h2o / spherical.
+    device: "auto", "cpu" or "cuda" (default $SKVRT_DEVICE, else auto; skvrt.backend), checked before the
+    model is read."""
+    from .backend import select
     from .store import resolve
 
+    select(device, for_model=True)  # fail before downloading / reading weights
     return LLM(load_folder(resolve(model)), n_ctx=n_ctx, kv_dtype=kv_dtype, threads=threads, kv_policy=kv_policy,
-               kv_opts=kv_opts, kv_budget=kv_budget)
+               kv_opts=kv_opts, kv_budget=kv_budget, device=device)

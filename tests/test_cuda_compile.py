@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from skvrt.cuda import loader
+from skvrt.cuda import loader, registry
 
 ARCHS = (80, 90)
-# (HEAD_DIM, GQA, MAX_PAGE): the smallest block, a common model shape with a non-power-of-two page (ADA
-# pages hold as many tokens as fit a frame), and the largest shapes the kernels take
-CONFIGS = [(64, 1, 16), (128, 8, 200), (256, 16, 256)]
 SOURCES = sorted(p.stem for p in loader.kernels_dir().glob("*.cu"))
+# every configuration of every source (skvrt/cuda/registry.py: decode attention per (HEAD_DIM, GQA,
+# MAX_PAGE); the other ops compile once, shapes at run time)
+CASES = [pytest.param(stem, d, id=f"{stem}-{registry.config_label(d)}") for stem, d in registry.compile_cases()]
 SELFTEST = Path(__file__).parent / "cuda_emu" / "emu_selftest.cu"
 
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
@@ -74,7 +74,7 @@ def table(request):
 def write_table(tr, rows) -> None:
     tr.write_line("")
     tr.write_line("CUDA kernels compiled (registers / static smem bytes / stack / spill stores / spill loads):")
-    tr.write_line("| compiler | source | D, G, P | kernel | arch | regs | smem | stack | spill st | spill ld |")
+    tr.write_line("| compiler | source | defines | kernel | arch | regs | smem | stack | spill st | spill ld |")
     tr.write_line("|---|---|---|---|---|---|---|---|---|---|")
     for compiler, source, cfg, r in rows:
         tr.write_line(f"| {compiler} | {source} | {cfg} | {r['kernel']} | {r['arch']} | {r['registers']} | "
@@ -88,21 +88,20 @@ def gate(rows: list[dict], what: str) -> None:
         assert r["stack"] == 0 and r["lmem"] == 0, f"{what} {r['kernel']} {r['arch']}: local memory {r}"
 
 
-def defines(cfg) -> dict[str, int]:
-    return dict(zip(("HEAD_DIM", "GQA", "MAX_PAGE"), cfg))
+def test_every_source_is_registered():
+    assert SOURCES == sorted(registry.SOURCES)
 
 
 @pytest.mark.skipif(NVRTC_MISSING is not None, reason=str(NVRTC_MISSING))
 @pytest.mark.parametrize("sm", ARCHS)
-@pytest.mark.parametrize("cfg", CONFIGS)
-@pytest.mark.parametrize("source", SOURCES)
-def test_nvrtc_compiles_as_cupy_rawmodule(source, cfg, sm, table):
-    cubin, log = loader.nvrtc_compile(loader.kernel_path(source), defines(cfg), sm, ("--ptxas-options=-v",))
+@pytest.mark.parametrize("source,defs", CASES)
+def test_nvrtc_compiles_as_cupy_rawmodule(source, defs, sm, table):
+    cubin, log = loader.nvrtc_compile(loader.kernel_path(source), defs, sm, ("--ptxas-options=-v",))
     assert cubin[:4] == b"\x7fELF"
     rows = parse_ptxas(log)
-    assert {r["kernel"] for r in rows} >= {f"{source}_partial", "decode_combine"}
-    gate(rows, f"NVRTC {source}.cu {cfg}")
-    table.extend(("nvrtc", f"{source}.cu", cfg, r) for r in rows)
+    assert {r["kernel"] for r in rows} == set(registry.SOURCES[source][0])
+    gate(rows, f"NVRTC {source}.cu {defs}")
+    table.extend(("nvrtc", f"{source}.cu", registry.config_label(defs), r) for r in rows)
 
 
 @pytest.mark.skipif(NVRTC_MISSING is not None, reason=str(NVRTC_MISSING))
@@ -113,14 +112,13 @@ def test_nvrtc_compiles_the_emulator_selftest_kernels():
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (the CUDA toolkit's compiler is needed for the ptxas gate)")
-@pytest.mark.parametrize("cfg", CONFIGS)
-@pytest.mark.parametrize("source", SOURCES)
-def test_nvcc_ptxas_no_spills_no_local_memory(source, cfg, table, tmp_path):
+@pytest.mark.parametrize("source,defs", CASES)
+def test_nvcc_ptxas_no_spills_no_local_memory(source, defs, table, tmp_path):
     gencode = [f"-gencode=arch=compute_{sm},code=sm_{sm}" for sm in ARCHS]
-    r = subprocess.run([NVCC, "-fatbin", *gencode, "-Xptxas", "-v", *loader.define_options(defines(cfg)), "-o",
+    r = subprocess.run([NVCC, "-fatbin", *gencode, "-Xptxas", "-v", *loader.define_options(defs), "-o",
                         str(tmp_path / "k.fatbin"), str(loader.kernel_path(source))], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rows = parse_ptxas(r.stderr + r.stdout)
     assert {x["arch"] for x in rows} == {f"sm_{sm}" for sm in ARCHS}
-    gate(rows, f"nvcc {source}.cu {cfg}")
-    table.extend(("nvcc", f"{source}.cu", cfg, x) for x in rows)
+    gate(rows, f"nvcc {source}.cu {defs}")
+    table.extend(("nvcc", f"{source}.cu", registry.config_label(defs), x) for x in rows)

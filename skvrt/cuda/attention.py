@@ -172,8 +172,21 @@ def ada_smem_bytes(G: int, P: int, lut_entries: int, key_bytes: int) -> int:
     return -(-(4 * G * lut_entries + P * key_bytes + lut_entries) // 16) * 16
 
 
-def _run(module, xp, name: str, q, tiers: list[Tier], fill, page_ids, page_tiers, n_pages, scale: float, out,
-         page_mass, max_pages_used, pages_per_split) -> None:
+class Launch:
+    """The kernel launches of one decode op with every buffer allocated and every check done: calling it only
+    launches (no allocation, no host-device copy), so it can be captured in a CUDA graph and replayed; the
+    buffers it holds (q, out, page tables, workspaces) are read / written in place by every call."""
+
+    def __init__(self, calls: list, keep: list):
+        self.calls, self._keep = calls, keep  # keep: arrays whose device pointers the calls hold
+
+    def __call__(self) -> None:
+        for fn, grid, block, args, smem in self.calls:
+            fn(grid, block, args, shared_mem=smem)
+
+
+def _prepare(module, xp, name: str, q, tiers: list[Tier], fill, page_ids, page_tiers, n_pages, scale: float, out,
+             page_mass, max_pages_used, pages_per_split) -> Launch:
     H, G, D, max_pages = _shapes(xp, q, page_ids, n_pages, out, page_mass)
     _check(xp, "fill", fill, fill.shape[:1], np.int32)
     if page_tiers is not None:
@@ -188,11 +201,12 @@ def _run(module, xp, name: str, q, tiers: list[Tier], fill, page_ids, page_tiers
     page_m = xp.empty((H, max_pages, G), f32) if with_mass else None
     descs = _descs(xp, tiers)
     tail = (n_pages, np.int32(max_pages), np.int32(pps), np.float32(scale))
+    calls = []
     if name == "dense_decode":
         t = tiers[0]
-        mod.get_function("dense_decode_partial")(
-            (S, H), (NT,), (q, t.arrays["k"], t.arrays["v"], np.int64(t.stride), fill, page_ids, *tail,
-                            part_acc, part_ml, slot_w, page_m))
+        calls.append((mod.get_function("dense_decode_partial"), (S, H), (NT,),
+                      (q, t.arrays["k"], t.arrays["v"], np.int64(t.stride), fill, page_ids, *tail,
+                       part_acc, part_ml, slot_w, page_m), 0))
     else:
         ada = [t for t in tiers if t.kind == KIND_ADA]
         lut_len = max((t.lut_entries for t in ada), default=0)
@@ -204,11 +218,33 @@ def _run(module, xp, name: str, q, tiers: list[Tier], fill, page_ids, page_tiers
         fn = mod.get_function("ada_decode_partial")
         if smem > DEFAULT_SMEM:
             fn.max_dynamic_shared_size_bytes = smem
-        fn((S, H), (NT,), (q, descs, fill, page_ids, page_tiers, *tail, np.int32(lut_len), np.int32(kb_max),
-                           part_acc, part_ml, slot_w, page_m), shared_mem=smem)
-    mod.get_function("decode_combine")(
-        (H,), (NT,), (part_acc, part_ml, slot_w, page_m, descs, page_ids, page_tiers, fill, n_pages, np.int32(S),
-                      np.int32(max_pages), out, page_mass))
+        calls.append((fn, (S, H), (NT,), (q, descs, fill, page_ids, page_tiers, *tail, np.int32(lut_len),
+                                          np.int32(kb_max), part_acc, part_ml, slot_w, page_m), smem))
+    calls.append((mod.get_function("decode_combine"), (H,), (NT,),
+                  (part_acc, part_ml, slot_w, page_m, descs, page_ids, page_tiers, fill, n_pages, np.int32(S),
+                   np.int32(max_pages), out, page_mass), 0))
+    keep = [t.arrays for t in tiers]
+    return Launch(calls, keep)
+
+
+def _run(*args) -> None:
+    _prepare(*args)()
+
+
+def prepare_dense_decode(module, xp, q, k, v, fill, page_ids, n_pages, scale: float, out, *, slot_mass=None,
+                         page_mass=None, max_pages_used: int | None = None,
+                         pages_per_split: int | None = None) -> Launch:
+    """dense_decode's launches, prepared once (arguments as dense_decode); call the result to run a step."""
+    return _prepare(module, xp, "dense_decode", q, [dense_tier(xp, k, v, slot_mass)], fill, page_ids, None, n_pages,
+                    scale, out, page_mass, max_pages_used, pages_per_split)
+
+
+def prepare_ada_decode(module, xp, q, tiers: list[Tier], fill, page_ids, page_tiers, n_pages, scale: float, out, *,
+                       page_mass=None, max_pages_used: int | None = None,
+                       pages_per_split: int | None = None) -> Launch:
+    """ada_decode's launches, prepared once (arguments as ada_decode); call the result to run a step."""
+    return _prepare(module, xp, "ada_decode", q, tiers, fill, page_ids, page_tiers, n_pages, scale, out, page_mass,
+                    max_pages_used, pages_per_split)
 
 
 def dense_decode(module, xp, q, k, v, fill, page_ids, n_pages, scale: float, out, *, slot_mass=None,

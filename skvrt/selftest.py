@@ -1,0 +1,375 @@
+"""The GPU suite: `python -m skvrt.selftest --gpu` on a machine with an NVIDIA GPU (one command, < 8 min on
+one H200), `--dry-run` anywhere (the same code paths on the CPU CUDA emulator at small sizes; CI runs it).
+
+    python -m skvrt.selftest --gpu [--no-bench] [--contexts 8192,32768,131072] [--steps 20]
+    python -m skvrt.selftest --dry-run
+
+1. Parity. Every check of skvrt.cuda.checks.SUITE (each kernel vs its NumPy twin on random inputs: RMSNorm,
+   RoPE, SwiGLU, dense KV append, ADA encode, dense / ADA decode attention) on the device; with --gpu also
+   larger, model-shaped cases (GPU_EXTRA), and emulator vs GPU on the SUITE's inputs (when g++ is there:
+   the kernel run by the emulator on the CPU must agree with the kernel run by the GPU). Prints one line
+   per check, then `N passed, N failed`.
+2. Benchmark of decode attention, the kernels alone: Llama-3-8B-shaped KV (32 layers, 8 KV heads, 32 query
+   heads, head_dim 128), random-initialised pages laid out as the frame arena lays them out, pages scattered
+   over the arena; for `full` (dense float16 pages), `ada` (the ADA tier of `--kv-policy ada`'s defaults:
+   192 key bits, 4-bit values in groups of 32, after 4 sinks + a 64-token dense window) and `spherical-mix`
+   (the default RDR ladder 256:4 / 128:4 / 64:2 with value groups of 64, old tokens split evenly over the
+   three tiers -- a fixed mix, not RDR's choice), at each context. One decode step = the 32 layers' split-K
+   partial + combine kernels, captured in a CUDA graph and replayed (eager launches if capture fails, said
+   in the table). Achieved HBM bandwidth = bytes the kernels must read (page payloads: keys / codes, values,
+   scales, frames; not the tables) / time.
+Exit status: 0 when every check passed, 1 when one failed, 2 when the device is unusable ("no GPU: <why>").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+import traceback
+
+import numpy as np
+
+# GPU only: model-shaped parity cases (8B-like heads), twins on the host CPU (a few seconds each)
+GPU_EXTRA = [
+    ("rms_norm 8B T=64 n=4096", "check_rms_norm", dict(T=64, n=4096, residual=True)),
+    ("rope 8B T=128 32q/8kv D=128", "check_rope", dict(T=128, nq=32, nkv=8, D=128)),
+    ("swiglu 8B T=16 F=14336", "check_swiglu", dict(T=16, F=14336)),
+    ("dense_append 8B H=8 D=128 P=64 T=300", "check_dense_append", dict(H=8, D=128, P=64, n_prev=100, T=300, nq=32)),
+    ("ada_encode 8B H=8 D=128 P=64 192b", "check_ada_encode", dict(H=8, D=128, P=64, key_bits=192, vb=4, vg=32, n_jobs=64)),
+    ("dense_decode 8B H=8 G=4 T=3000", "check_decode", dict(H=8, G=4, D=128, P=64, T=3000, key_bits=None, pages_per_split=4)),
+    ("ada_decode 8B H=8 G=4 T=3000 192b", "check_decode", dict(H=8, G=4, D=128, P=64, T=3000, key_bits=192, vb=4, vg=32, pages_per_split=4)),
+]
+
+
+# ---- parity -------------------------------------------------------------------------------------------------
+
+def run_checks(module, xp, emu_module=None, extra: bool = False, out=None) -> tuple[int, int]:
+    from .cuda import checks
+
+    out = out or sys.stdout
+
+    passed = failed = 0
+    cases = [(n, fn, kw) for n, fn, kw in checks.SUITE]
+    if extra:
+        cases += [(n, getattr(checks, fn), kw) for n, fn, kw in GPU_EXTRA]
+    for i, (name, fn, kw) in enumerate(cases):
+        t0 = time.perf_counter()
+        try:
+            stats, got = fn(module, xp, np.random.default_rng(1000 + i), **kw)
+            line = f"PASS  {name}  " + " ".join(f"{k}={_fmt(v)}" for k, v in stats.items())
+            passed += 1
+        except Exception as e:  # an assertion, a launch error, a compile error: report and go on
+            got = None
+            line = f"FAIL  {name}  {type(e).__name__}: {_first_lines(str(e))}"
+            failed += 1
+            if not isinstance(e, AssertionError):
+                traceback.print_exc(file=sys.stderr)
+        print(f"{line}  ({time.perf_counter() - t0:.1f} s)", file=out, flush=True)
+        if emu_module is not None and got is not None and i < len(checks.SUITE):
+            ok, msg = _emu_vs_device(emu_module, fn, kw, i, got)
+            passed, failed = passed + ok, failed + (not ok)
+            print(f"{'PASS' if ok else 'FAIL'}  emulator vs GPU: {name}  {msg}", file=out, flush=True)
+    return passed, failed
+
+
+def _emu_vs_device(emu_module, fn, kw, i, got_device) -> tuple[bool, str]:
+    """The same check with the same inputs on the emulator (numpy); its raw output vs the GPU's."""
+    try:
+        _, got_emu = fn(emu_module, np, np.random.default_rng(1000 + i), **kw)
+    except Exception as e:
+        return False, f"emulator run failed: {type(e).__name__}: {_first_lines(str(e))}"
+    a, b = np.asarray(got_device), np.asarray(got_emu)
+    if a.dtype == np.uint8:  # arena bytes: dense append must match exactly; ADA codes almost always
+        frac = float(np.mean(a == b))
+        exact = fn.__name__ == "check_dense_append"
+        ok = frac == 1.0 if exact else frac >= 0.99
+        return ok, f"{frac:.4%} of arena bytes equal"
+    err = float(np.max(np.abs(a - b) / (np.abs(b) + 1e-3)))
+    return err < 1e-4, f"max rel diff {err:.1e}"
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _first_lines(s: str, n: int = 3) -> str:
+    return " | ".join(x.strip() for x in s.strip().splitlines()[:n] if x.strip())
+
+
+# ---- benchmark --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Shape:
+    layers: int = 32
+    kv_heads: int = 8
+    q_heads: int = 32
+    head_dim: int = 128
+    page: int = 64      # tokens per page of the richest old tier (PAGE_SIZE)
+    sinks: int = 4
+    window: int = 64    # the ada policy's default dense window (budgeted policies: 32)
+
+
+LLAMA3_8B = Shape()
+TINY = Shape(layers=2, kv_heads=2, q_heads=8, head_dim=64, page=16, sinks=2, window=16)
+
+
+def _tiers(config: str, shape: Shape, rng) -> tuple[list, list[int], int, list[float]]:
+    """-> tiers (DenseTier first), tokens per page of each, frame bytes, share of the old tokens per old tier."""
+    from .kv import DEFAULT_LADDER, LADDER_V_GROUP, layout
+    from .kv.ada import AdaTier, allocate_bits
+    from .kv.tiers import DenseTier
+
+    D, P = shape.head_dim, shape.page
+    dense = DenseTier("float16")
+    if config == "full":
+        return [dense], [P], layout.page_bytes(dense, P, D, False), []
+    w = rng.uniform(0.1, 2, (1, shape.kv_heads, D // 2))  # like a calibration's pair weights
+    if config == "ada":
+        old = [AdaTier(allocate_bits(w, 192), 4, 32)]
+        mass = False
+    else:
+        old = [AdaTier(allocate_bits(w, kb), vb, LADDER_V_GROUP) for kb, vb in DEFAULT_LADDER]
+        mass = True  # RDR pages carry the slot mass field
+    frame = max(layout.page_bytes(t, P, D, mass) for t in old)
+    sizes = [layout.tokens_per_frame(t, frame, D, mass) for t in [dense, *old]]
+    if config == "ada":
+        sizes[1] = P  # fifo: old-tier pages hold exactly P
+    return [dense, *old], sizes, frame, [1.0 / len(old)] * len(old)
+
+
+def _read_bytes(tier, n: int, p: int, D: int) -> int:
+    """Bytes the decode kernels read for n tokens in p pages of `tier` (one KV head): page payloads only."""
+    from .kv.tiers import DenseTier
+
+    if isinstance(tier, DenseTier):
+        return n * D * 2 * 2  # k, v float16
+    ng = D // tier.v_group
+    per_token = tier.key_bits // 8 + D * tier.v_bits // 8 + ng * 2 * 2  # codes, value codes, v_min / v_scale
+    return n * per_token + p * (D // 2) * 4 * 2  # + one frame (D/2 x 4 float16) per page
+
+
+def _strided(xp, buf, off: int, shape, dtype, strides):
+    if xp is np:
+        return np.ndarray(shape, dtype, buf, off, strides)
+    return xp.ndarray(shape, dtype, buf.data + off, strides)
+
+
+def _fill_random(xp, a, kind: str, chunk: int = 2048) -> None:
+    """Random contents for a field (N, ...) in chunks of pages (bounded temporaries)."""
+    for s in range(0, a.shape[0], chunk):
+        sub = a[s : s + chunk]
+        if a.dtype == np.uint8:
+            sub[...] = xp.random.randint(0, 256, sub.shape).astype(np.uint8)
+            continue
+        u = xp.random.randint(0, 4096, sub.shape).astype(np.float32) / 4096  # [0, 1)
+        if kind == "frame":  # theta0, gamma, rho0, drho
+            u = u * xp.asarray(np.array([2 * np.pi, 0.05, 2.0, 0.05], np.float32)) + \
+                xp.asarray(np.array([-np.pi, 0.0, 0.3, 0.0], np.float32))
+        elif kind == "v_scale":
+            u = u * 0.05
+        elif kind in ("k", "v", "v_min"):
+            u = u * 2 - 1
+        sub[...] = u.astype(a.dtype)
+
+
+class _Timer:
+    def __init__(self, xp):
+        self.xp = xp
+
+    def measure(self, step, reps: int) -> tuple[float, str]:
+        """-> (seconds per step, how it was run)."""
+        xp = self.xp
+        if xp is np:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            return (time.perf_counter() - t0) / reps, "emulated"
+        import cupy
+
+        step()  # warm: modules compiled and loaded, smem attributes set
+        cupy.cuda.Device().synchronize()
+        stream = cupy.cuda.Stream(non_blocking=True)
+        mode, graph = "graph", None
+        try:
+            with stream:
+                stream.begin_capture()
+                try:
+                    step()
+                finally:
+                    graph = stream.end_capture()
+            graph.launch(stream)
+            stream.synchronize()
+        except Exception as e:  # capture unsupported here: eager launches (Python launch cost included)
+            print(f"  (CUDA graph capture failed, timing eager launches: {type(e).__name__}: {e})", file=sys.stderr)
+            mode, graph = "eager", None
+        run = (lambda: graph.launch(stream)) if graph is not None else step
+        with stream:
+            for _ in range(2):
+                run()
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            for _ in range(reps):
+                run()
+            end.record(stream)
+            end.synchronize()
+        return cupy.cuda.get_elapsed_time(start, end) / 1e3 / reps, mode
+
+
+def bench_attention(module, xp, shape: Shape, contexts: list[int], configs=("full", "ada", "spherical-mix"),
+                    steps: int = 20, seed: int = 0, out=None) -> list[dict]:
+    """Decode-attention step time (all layers) per (config, context); prints a markdown table."""
+    out = out or sys.stdout
+    from .cuda import attention as ca
+    from .kv import layout
+    from .kv.ada import AdaTier, split_bits
+
+    rng = np.random.default_rng(seed)
+    xp.random.seed(seed)
+    L, H, D = shape.layers, shape.kv_heads, shape.head_dim
+    G = shape.q_heads // H
+    timer = _Timer(xp)
+    rows = []
+    print(f"\nDecode attention, kernels alone: {L} layers x {H} KV heads, {shape.q_heads} query heads, head_dim {D},"
+          f" batch 1 (one step = {L} x (partial + combine) launches)", file=out)
+    print("| config | context | pages / head (per tier) | KV bytes read / step | ms / step | GB/s | run |", file=out)
+    print("|---|---|---|---|---|---|---|", file=out)
+    for ctx in contexts:
+        for config in configs:
+            tiers, sizes, frame, shares = _tiers("full" if config == "full" else
+                                                 "ada" if config == "ada" else "spherical", shape, rng)
+            n_dense_tok = ctx if config == "full" else min(ctx, shape.sinks + shape.window)
+            old = ctx - n_dense_tok
+            tok = [n_dense_tok] + [0] * len(shares)
+            for i, s in enumerate(shares):  # old tokens split over the old tiers (last one takes the rest)
+                tok[1 + i] = old - sum(tok[1:1 + i]) if i == len(shares) - 1 else int(old * s)
+            pages = [math.ceil(n / sz) if n else 0 for n, sz in zip(tok, sizes)]
+            per_head = sum(pages)
+            N = L * H * per_head
+            track = config == "spherical-mix"
+            buf = xp.zeros(N * frame, np.uint8)
+            fill_h = np.zeros(N, np.int32)
+            ids = np.empty((L, H, per_head), np.int32)
+            tiers_t = np.empty((L, H, per_head), np.int8)
+            lo = 0
+            pools = []
+            for ti, (tier, P, n, p) in enumerate(zip(tiers, sizes, tok, pages)):
+                # tier ti owns frames [lo, lo + L H p), handed to the (layer, head) tables in random order
+                hi = lo + L * H * p
+                own = (lo + rng.permutation(L * H * p)).reshape(L, H, p) if p else np.zeros((L, H, 0), np.int64)
+                c0 = sum(pages[:ti])
+                ids[..., c0 : c0 + p] = own
+                tiers_t[..., c0 : c0 + p] = ti
+                if p:
+                    fill_h[own.ravel()] = P
+                    fill_h[own[..., -1].ravel()] = n - (p - 1) * P  # the last page of each head is partial
+                offs, _ = layout.layout(layout.page_fields(tier, P, D, track), P)
+                fields = {}
+                for name, dt, shp in layout.page_fields(tier, P, D, track):
+                    dt = np.dtype(dt)
+                    inner = tuple(int(np.prod(shp[i + 1:], dtype=np.int64)) * dt.itemsize for i in range(len(shp)))
+                    fields[name] = _strided(xp, buf, offs[name], (N, *shp), dt, (frame, *inner))
+                    if name not in ("positions", "mass") and p:
+                        _fill_random(xp, fields[name][lo:hi], name)
+                pools.append(fields)
+                lo = hi
+            fill = xp.asarray(fill_h)
+            q = xp.asarray(rng.normal(0, 1, (H * G, D)).astype(np.float32))
+            outs, launches = [], []
+            for layer in range(L):
+                o = xp.empty((H * G, D), np.float32)
+                idd = xp.asarray(np.ascontiguousarray(ids[layer]))
+                n_p = xp.asarray(np.full(H, per_head, np.int32))
+                if config == "full":
+                    launches.append(ca.prepare_dense_decode(module, xp, q, pools[0]["k"], pools[0]["v"], fill, idd,
+                                                            n_p, D ** -0.5, o))
+                else:
+                    tl = []
+                    for tier, f in zip(tiers, pools):
+                        if isinstance(tier, AdaTier):
+                            ba, br = split_bits(tier.pair_bits[0])
+                            tl.append(ca.ada_tier(xp, f, ba, br, tier.v_bits, tier.v_group))
+                        else:
+                            tl.append(ca.dense_tier(xp, f["k"], f["v"]))
+                    launches.append(ca.prepare_ada_decode(module, xp, q, tl, fill, idd,
+                                                          xp.asarray(np.ascontiguousarray(tiers_t[layer])), n_p,
+                                                          D ** -0.5, o))
+                outs.append(o)
+
+            def step():
+                for launch in launches:
+                    launch()
+
+            sec, mode = timer.measure(step, steps)
+            for o in outs[:1]:
+                assert bool(xp.isfinite(o).all()), f"{config} {ctx}: non-finite attention output"
+            nbytes = L * H * sum(_read_bytes(t, n, p, D) for t, n, p in zip(tiers, tok, pages))
+            row = {"config": config, "context": ctx, "pages": pages, "bytes": nbytes, "ms": sec * 1e3,
+                   "gbs": nbytes / sec / 1e9, "mode": mode}
+            rows.append(row)
+            print(f"| {config} | {ctx} | {per_head} ({'/'.join(map(str, pages))}) | {nbytes / 2**20:,.1f} MiB | "
+                  f"{sec * 1e3:.3f} | {row['gbs']:,.0f} | {mode} |", file=out, flush=True)
+            del buf, pools, launches, outs, fill, q
+            if xp is not np:
+                xp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+# ---- entry point ------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m skvrt.selftest", description=__doc__.split("\n\n")[0])
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--gpu", action="store_true", help="run the suite on the GPU (CuPy RawModule)")
+    mode.add_argument("--dry-run", "--emulate", dest="dry_run", action="store_true",
+                      help="run the same checks and benchmark code on the CPU CUDA emulator, small sizes")
+    ap.add_argument("--no-bench", action="store_true", help="parity checks only")
+    ap.add_argument("--contexts", default=None, help="benchmark contexts (default 8192,32768,131072; dry run 40,300)")
+    ap.add_argument("--steps", type=int, default=None, help="timed decode steps per row (default 20; dry run 1)")
+    a = ap.parse_args(argv)
+
+    if a.gpu:
+        from .backend import cuda_info, cuda_unavailable_reason
+
+        why = cuda_unavailable_reason()
+        if why is not None:
+            print(f"skvrt selftest: no GPU: {why}", file=sys.stderr)
+            return 2
+        import cupy
+
+        from .cuda import emu
+        from .cuda.loader import cupy_module
+
+        xp, module, shape = cupy, cupy_module, LLAMA3_8B
+        emu_module = emu.factory("random", seed=1) if emu.compiler() else None
+        print(f"skvrt selftest --gpu: {cuda_info()}")
+        if emu_module is None:
+            print("  (no g++: emulator-vs-GPU comparisons skipped)")
+        contexts, steps = a.contexts or "8192,32768,131072", a.steps or 20
+    else:
+        from .cuda import emu
+
+        if emu.compiler() is None:
+            print("skvrt selftest: no g++ for the CUDA emulator", file=sys.stderr)
+            return 2
+        xp, module, shape, emu_module = np, emu.factory("random", seed=1), TINY, None
+        print("skvrt selftest --dry-run: the CUDA emulator on the CPU (small sizes; timings are not GPU figures)")
+        contexts, steps = a.contexts or "40,300", a.steps or 1
+    t0 = time.perf_counter()
+    passed, failed = run_checks(module, xp, emu_module, extra=a.gpu)
+    print(f"{passed} passed, {failed} failed ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if not a.no_bench:
+        try:
+            bench_attention(module, xp, shape, [int(c) for c in contexts.split(",") if c], steps=steps)
+        except Exception as e:
+            traceback.print_exc()
+            print(f"benchmark failed: {type(e).__name__}: {e}")
+            failed += 1
+    print(f"selftest done in {time.perf_counter() - t0:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
