@@ -145,6 +145,10 @@ def _declare(L: ctypes.CDLL) -> None:
     L.skvrt_paged_decode.restype = ctypes.c_int
     L.skvrt_ada_decode_pages.argtypes = [P] * 5 + [i64, P, P, i, P, P] + [i] * 5 + [P] * 2
     L.skvrt_ada_decode_pages.restype = ctypes.c_int
+    L.skvrt_ada_write.argtypes = [P] * 5 + [i64, i, i, P, P, P, P] + [i] * 5
+    L.skvrt_ada_write.restype = ctypes.c_int
+    L.skvrt_ada_append.argtypes = [P] * 5 + [i64, i, i, i, P, P, P, P] + [i] * 5
+    L.skvrt_ada_append.restype = ctypes.c_int
 
 
 def set_threads(n: int) -> None:
@@ -255,3 +259,41 @@ def ada_decode_pages(ada_pool, pids, angle_bits, radius_bits, L=None):
     if rc != 0:
         raise ValueError(f"ada_decode_pages rejected its inputs (rc {rc}): P={P} D={D} key bits={tier.key_bits}")
     return k, v
+
+
+def _ada_encode_args(pool, k, v, angle_bits, radius_bits):
+    import numpy as np
+
+    d, tier = pool.data, pool.tier
+    D = pool.head_dim
+    k = np.ascontiguousarray(k, np.float32)
+    v = np.ascontiguousarray(v, np.float32)
+    assert k.ndim == 2 and k.shape[1] == D and v.shape == k.shape, (k.shape, v.shape, D)
+    ab, rb = (np.ascontiguousarray(b, np.uint8) for b in (angle_bits, radius_bits))
+    assert ab.shape == rb.shape == (D // 2,)
+    for name in ("codes", "frame", "v_codes", "v_min", "v_scale"):
+        assert d[name].strides[0] == pool.stride, name
+    ptrs = (ptr(d["codes"]), ptr(d["frame"]), ptr(d["v_codes"]), ptr(d["v_min"]), ptr(d["v_scale"]), pool.stride)
+    shape = (pool.page_size, D, tier.key_bits // 8, tier.v_bits, tier.v_group)
+    return k, v, ab, rb, ptrs, shape
+
+
+def ada_write(pool, pid: int, k, v, angle_bits, radius_bits, L=None) -> None:
+    """C twin of AdaTier.write_page(pool.data, pid, k, v, lh): encode n <= P tokens k, v (n, D) float32 into
+    the empty page pid of `pool` (a TierPool of an AdaTier). angle_bits, radius_bits (D/2,) uint8 =
+    ada.split_bits(tier.pair_bits[layer, head]). Same bytes as the NumPy twin (kernels_c/ada_encode.c)."""
+    L = L or lib()
+    k, v, ab, rb, ptrs, shape = _ada_encode_args(pool, k, v, angle_bits, radius_bits)
+    rc = L.skvrt_ada_write(*ptrs, int(pid), len(k), ptr(k), ptr(v), ptr(ab), ptr(rb), *shape)
+    if rc != 0:
+        raise ValueError(f"ada_write rejected its inputs (rc {rc}): n={len(k)} P, D, KB, vb, vg={shape}")
+
+
+def ada_append(pool, pid: int, f: int, k, v, angle_bits, radius_bits, L=None) -> None:
+    """C twin of AdaTier.append(pool.data, pid, f, k, v, lh): add n tokens at slots f .. f + n of page pid,
+    which holds f tokens (f == 0: write_page). Arguments as ada_write."""
+    L = L or lib()
+    k, v, ab, rb, ptrs, shape = _ada_encode_args(pool, k, v, angle_bits, radius_bits)
+    rc = L.skvrt_ada_append(*ptrs, int(pid), int(f), len(k), ptr(k), ptr(v), ptr(ab), ptr(rb), *shape)
+    if rc != 0:
+        raise ValueError(f"ada_append rejected its inputs (rc {rc}): f={f} n={len(k)} P, D, KB, vb, vg={shape}")

@@ -172,7 +172,7 @@ def test_budgeted_policies_keep_their_invariants(policy, ops, budget, seed):
 
 
 def test_long_decode_holds_the_budget_and_uses_every_tier():
-    cache = make("spherical", 0.1, n_ctx=2000)
+    cache = make("spherical", 0.04, n_ctx=2000)  # ~ 13 % of the tokens this run holds: pressure on every tier
     rng = np.random.default_rng(1)
     run_ops(cache, [64] * 4 + [1] * 300, rng)
     st_ = cache.stats(per_head=True)

@@ -238,7 +238,8 @@ class AdaTier(_Tier):
         vc = unpack(data["v_codes"][pids], vt.v_bits, D).astype(np.float32)
         n, P = vc.shape[:2]
         vc = vc.reshape(n, P, D // vt.v_group, vt.v_group)
-        v = vc * data["v_scale"][pids][..., None].astype(np.float32) + data["v_min"][pids][..., None].astype(np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):  # slots past fill hold whatever the frame held before
+            v = vc * data["v_scale"][pids][..., None].astype(np.float32) + data["v_min"][pids][..., None].astype(np.float32)
         return v.reshape(n, P, D)
 
     def decode_keys(self, data, pids: np.ndarray, lh) -> np.ndarray:

@@ -35,7 +35,8 @@ from .tiers import DenseTier
 DENSE = 0  # tier index of the dense tier
 OLD = 1  # tier index of the fifo policies' old-token tier, when they have one
 MAX_CHUNK = 512  # largest forward() a compressing policy's dense tier is sized for
-RDR_CHUNK = 64  # prefill chunk of the rdr policies (the dense tier holds one chunk inside the budget)
+RDR_CHUNK = 64  # prefill chunk of the rdr policies (the dense tier holds one chunk inside the budget; smaller
+# chunks mean more allocation rounds, each re-encoding open pages: 32 measured worse than 64 on the dev text)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -183,12 +184,20 @@ class PagedKVCache:
         if layer == 0 and self.policy.allocator == "rdr":
             self._make_room(T)
         positions = np.arange(self.offset, self.offset + T, dtype=np.int32)
+        rdr_ = self.policy.allocator == "rdr"
         for h in range(H):
             t = 0
-            idx = self.table.last(layer, h, DENSE)
-            pid = int(self.table.page_ids[layer, h, idx]) if idx >= 0 else -1
+            if rdr_:  # fill the free slots of every dense page (tokens leave them from anywhere), then new pages
+                ids, tiers = self.table.pages(layer, h)
+                open_ = [int(p) for p, tt in zip(ids, tiers) if tt == DENSE and pool.fill[p] < P]
+            else:
+                idx = self.table.last(layer, h, DENSE)
+                open_ = [int(self.table.page_ids[layer, h, idx])] if idx >= 0 else []
+            pid = open_.pop(0) if open_ else -1
             while t < T:
                 if pid < 0 or pool.fill[pid] == P:
+                    pid = open_.pop(0) if open_ else -1
+                if pid < 0:
                     pid = pool.alloc()
                     self.table.push(layer, h, pid, DENSE)
                 f = int(pool.fill[pid])
@@ -219,6 +228,27 @@ class PagedKVCache:
                 for h in range(self.n_kv_heads):
                     self._move_old(layer, h, lo, lo + self.batch)
             self.n_old += self.batch
+
+    def _compact_dense(self, layer: int, h: int) -> None:
+        """Rewrite (layer, h)'s dense tokens into ceil(n / P) pages when holes left by departed tokens waste a
+        page (dense copies are exact)."""
+        pool = self.pools[DENSE]
+        P = pool.page_size
+        ids, tiers = self.table.pages(layer, h)
+        dense = [int(p) for p, t in zip(ids, tiers) if t == DENSE]
+        n = int(self.arena.fill[dense].sum()) if dense else 0
+        if len(dense) <= -(-n // P):
+            return
+        k, v, pos, mass = self._take_dense(layer, h, 0, self.offset + 1)
+        for s in range(0, len(pos), P):
+            pid = pool.alloc()
+            self.table.push(layer, h, pid, DENSE)
+            m = len(pos[s : s + P])
+            pool.tier.write(pool.data, pid, 0, k[s : s + P], v[s : s + P])
+            pool.positions[pid, :m] = pos[s : s + P]
+            if pool.mass is not None:
+                pool.mass[pid, :m] = mass[s : s + P]
+            self.arena.fill[pid] = m
 
     def _take_dense(self, layer: int, h: int, lo: int, hi: int):
         """Remove positions [lo, hi) from the dense pages of (layer, h) -> their k, v (n, D) float32, positions
@@ -262,30 +292,32 @@ class PagedKVCache:
             return
         old = self.pools[OLD]
         pid = old.alloc()
-        old.tier.write_page(old.data, pid, k, v, (layer, h))
+        self._write(OLD, pid, 0, k, v, (layer, h))
         old.positions[pid, : len(pos)] = pos
         old.fill[pid] = len(pos)
         self.table.push(layer, h, pid, OLD)
 
     # ---- rdr: budgeted allocation ---------------------------------------------------------------------
 
-    def _dense_frames_after(self, extra_tokens: int) -> int:
-        """Frames the dense tier needs to hold what it has + `extra_tokens` per (layer, head) (upper bound)."""
-        P = self.pools[DENSE].page_size
-        n_dense = self.offset - self.n_old  # sinks + window tokens per (layer, head)
-        return self.n_layers * self.n_kv_heads * (math.ceil((n_dense + extra_tokens) / P) + 2)
+    def _dense_new_pages(self, extra_tokens: int) -> int:
+        """Pages the dense tier must allocate to take `extra_tokens` more per (layer, head): what does not fit the
+        free slots of its pages (append fills those first)."""
+        pool, t = self.pools[DENSE], self.table
+        P = pool.page_size
+        L, H = self.n_layers, self.n_kv_heads
+        entry = (np.arange(t.max_pages)[None, :] < t.n_pages.reshape(-1, 1)) & (t.page_tiers.reshape(L * H, -1) == DENSE)
+        ids = np.where(entry, t.page_ids.reshape(L * H, -1), 0)
+        free = np.where(entry, P - self.arena.fill[ids], 0).sum(axis=1)  # (L*H,) free dense slots
+        return int(np.ceil(np.maximum(extra_tokens - free, 0) / P).sum())
 
     def _make_room(self, T: int) -> None:
         """Before a forward of T tokens: compress old tokens until the dense tier can take the chunk."""
-        need = self._dense_frames_after(T)
-        dense_now = self.pools[DENSE].n_used
-        if self.arena.n_free >= need - dense_now:
-            return
-        self._rebalance(None, None, reserve_extra=T)
+        if self.arena.n_free < self._dense_new_pages(T):
+            self._rebalance(None, None, reserve_extra=T)
 
     def _old_capacity(self, extra_tokens: int) -> int:
-        """Frames the old tiers may use: the arena minus what the dense tier needs with `extra_tokens` more."""
-        return self.arena.n_frames - self._dense_frames_after(extra_tokens)
+        """Frames the old tiers may use: the arena minus the dense tier's pages and what `extra_tokens` more need."""
+        return self.arena.n_frames - self.pools[DENSE].n_used - self._dense_new_pages(extra_tokens)
 
     def utilities(self, pos: np.ndarray, mass: np.ndarray) -> np.ndarray:
         """Utility of tokens at positions pos (n,) with accumulated attention mass (n,)."""
@@ -307,6 +339,7 @@ class PagedKVCache:
         if lo is not None:
             for lh in range(L * H):
                 k, v, pos, mass = self._take_dense(*divmod(lh, H), lo, hi)
+                self._compact_dense(*divmod(lh, H))
                 leaving[lh] = (k, v, pos)
                 cand_lh.append(np.full(len(pos), lh))
                 cand_cur.append(np.zeros(len(pos), np.int64))
@@ -338,7 +371,7 @@ class PagedKVCache:
         self._apply(lh_all, cur, pos, mass, choice, leaving)
         self.allocator_seconds += time.perf_counter() - t0
         self.allocator_runs += 1
-        if self.arena.n_free < self._dense_frames_after(reserve_extra) - self.pools[DENSE].n_used:
+        if self.arena.n_free < self._dense_new_pages(reserve_extra):
             raise ContextOverflowError("KV budget allocator could not make room (internal error)")
 
     def _distortion(self) -> np.ndarray:
@@ -490,9 +523,13 @@ class PagedKVCache:
             s += n
 
     def _write(self, t: int, pid: int, f: int, k, v, lh) -> None:
+        """Write n tokens (k, v (n, D) float32) at slots f.. of page pid of pool t (codecs: C when loaded)."""
         pool = self.pools[t]
         if isinstance(pool.tier, DenseTier):
             pool.tier.write(pool.data, pid, f, k, v)
+        elif self.use_c and t in self._ada_bits:  # byte-identical to the NumPy codec but for last-ulp ties
+            ba, br = self._ada_bits[t]
+            ckernels.ada_append(pool, pid, f, k, v, ba[lh], br[lh])
         elif f == 0:
             pool.tier.write_page(pool.data, pid, k, v, lh)
         else:
