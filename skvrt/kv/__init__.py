@@ -17,6 +17,7 @@ from .tiers import DenseTier, QuantTier
 DEFAULT_LADDER = ((256, 4), (128, 4), (64, 2))
 LADDER_V_GROUP = 64
 RDR_WINDOW = 32  # default recent window of the budgeted policies
+SPHERICAL_DROP_COST = 1.0  # distortion of dropping a token, relative to its whole contribution (rdr.assign)
 
 KV_POLICIES = {
     "full": "every token kept in the dense tier (float16 by default)",
@@ -70,7 +71,7 @@ def proxy_distortion(calibration, tiers) -> np.ndarray:
 def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = None, k_bits: int = 4,
                 v_bits: int = 4, v_group: int = 32, tier: int = 192, calibration=None, budget=None,
                 ladder=None, kv_dtype: str = "float16", obs: int = 32, chunk: int | None = None,
-                distortion: str = "measured") -> Policy:
+                distortion: str = "measured", batch: int | None = None, drop_cost: float | None = None) -> Policy:
     if kv_policy not in KV_POLICIES:
         raise InputError(f"unknown --kv-policy {kv_policy!r}; valid: {', '.join(KV_POLICIES)}")
     if window is None:
@@ -81,7 +82,9 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
         raise InputError(f"sinks must be >= 0 and window >= 1 (got sinks={sinks}, window={window})")
     if kv_policy in BUDGETED and budget is None:
         raise InputError(f"--kv-policy {kv_policy} needs a --kv-budget (e.g. 25%, 0.25 or 64MiB)")
-    common = dict(sinks=sinks, window=window, keep_all=False, budget=budget, chunk=chunk)
+    if batch is not None and batch < 1:
+        raise InputError(f"batch must be >= 1, not {batch}")
+    common = dict(sinks=sinks, window=window, keep_all=False, budget=budget, chunk=chunk, batch=batch)
     if kv_policy == "window":
         return Policy("window", **common)
     if kv_policy in ("snapkv", "h2o"):
@@ -104,7 +107,7 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
         measured = calibration.distortion(steps, LADDER_V_GROUP) if distortion == "measured" else None
         dist = measured if measured is not None else proxy_distortion(calibration, tiers)
         return Policy("spherical", old_tiers=tiers, allocator="rdr", utility="mean", distortion=dist, obs=obs,
-                      **common)
+                      drop_cost=float(drop_cost if drop_cost is not None else SPHERICAL_DROP_COST), **common)
     if kv_policy == "ada":
         if tier % 8 or not 8 <= tier <= 12 * calibration.q_sq.shape[-1] // 2:
             raise InputError(f"ada tier must be a multiple of 8 key bits per token per head, 8..., not {tier}")

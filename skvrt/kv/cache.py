@@ -55,6 +55,8 @@ class Policy:
     budget: str | int | float | None = None  # bytes (int), "25%", "64MiB", a fraction (float); None: no cap
     obs: int = 32  # rdr: observation window, the last queries of each prefill chunk that score tokens
     chunk: int | None = None  # largest forward() (default MAX_CHUNK; RDR_CHUNK for rdr)
+    batch: int | None = None  # rdr: tokens per (layer, head) that leave the window per round (default a dense page)
+    drop_cost: float = 1.0  # rdr: distortion of dropping a token (see rdr.assign)
 
     @property
     def old_tier(self):
@@ -117,7 +119,8 @@ class PagedKVCache:
                 sizes[DENSE] = P
         if min(sizes) < 1:
             raise ValueError(f"a page frame of {frame} bytes cannot hold a token of every tier")
-        self.batch = sizes[DENSE] if policy.allocator == "rdr" else P  # tokens leaving the window at once
+        # tokens leaving the window at once
+        self.batch = (policy.batch or sizes[DENSE]) if policy.allocator == "rdr" else P
         Pd = sizes[DENSE]
         self.dense_fp16_bytes = n_ctx * heads * 2 * D * 2
         if policy.budget is not None:
@@ -367,7 +370,8 @@ class PagedKVCache:
         dist = self._distortion()  # (L*H, n_old_tiers)
         sizes = np.array([p.page_size for p in self.pools[1:]])
         capacity = self._old_capacity(reserve_extra)
-        choice, self._lam = rdr.assign(lh_all, cur, util, dist, sizes, capacity, L * H, hint=self._lam)
+        choice, self._lam = rdr.assign(lh_all, cur, util, dist, sizes, capacity, L * H, hint=self._lam,
+                                       drop_cost=self.policy.drop_cost)
         self._apply(lh_all, cur, pos, mass, choice, leaving)
         self.allocator_seconds += time.perf_counter() - t0
         self.allocator_runs += 1

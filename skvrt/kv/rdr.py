@@ -46,17 +46,20 @@ def frames_needed(lh: np.ndarray, tier: np.ndarray, sizes: np.ndarray, n_lh: int
 
 
 def assign(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, sizes: np.ndarray,
-           capacity: int, n_lh: int, hint: float | None = None, rel_tol: float = 1e-3) -> tuple[np.ndarray, float]:
+           capacity: int, n_lh: int, hint: float | None = None, rel_tol: float = 1e-3,
+           drop_cost: float = 1.0) -> tuple[np.ndarray, float]:
     """lh (n,) layer * H + head of each token; cur (n,) its tier now (0 = still dense, leaving the window;
     1..T an old tier); util (n,) >= 0; dist (n_lh, T) relative distortion of each old tier; sizes (T,) tokens
     per page of each old tier; capacity: pages the old tiers may use; hint: the multiplier of the previous
-    call (the search starts around it). -> (tier (n,) in 1..T + 1 (T + 1 = drop), never richer than cur;
+    call (the search starts around it); drop_cost: the distortion of dropping (1 = the token's whole
+    contribution; larger values price in that a dropped token is lost for every later query, which past
+    attention does not predict). -> (tier (n,) in 1..T + 1 (T + 1 = drop), never richer than cur;
     the multiplier used). The smallest multiplier that fits, to rel_tol. Deterministic (ties go to the
     richer tier)."""
     n, T = len(lh), len(sizes)
     if n == 0:
         return np.zeros(0, np.int64), 0.0
-    d = np.concatenate([np.asarray(dist, np.float64), np.ones((n_lh, 1))], axis=1)  # (n_lh, T + 1)
+    d = np.concatenate([np.asarray(dist, np.float64), np.full((n_lh, 1), drop_cost)], axis=1)  # (n_lh, T + 1)
     cost = util.astype(np.float64)[:, None] * d[lh]  # (n, T + 1) utility x distortion
     cost[np.arange(T + 1)[None, :] < np.maximum(cur, 1)[:, None] - 1] = np.inf  # demotions only
     rate = np.append(1.0 / np.asarray(sizes, np.float64), 0.0)  # (T + 1,) pages per token
