@@ -253,6 +253,16 @@ class PagedKVCache:
                 pool.mass[pid, :m] = mass[s : s + P]
             self.arena.fill[pid] = m
 
+    def _remove_slots(self, layer: int, h: int, i: int, pool, pid: int, out: np.ndarray) -> bool:
+        """Remove the slots where out (fill,) is True from page pid (entry i of (layer, h)'s table): the page goes
+        back to the arena when nothing is left, else it is compacted. -> True when entry i was removed."""
+        if out.all():
+            pool.free(pid)
+            self.table.remove(layer, h, i)
+            return True
+        pool.compact(pid, ~out)
+        return False
+
     def _take_dense(self, layer: int, h: int, lo: int, hi: int):
         """Remove positions [lo, hi) from the dense pages of (layer, h) -> their k, v (n, D) float32, positions
         (n,) and mass (n,) (or None), in position order. Emptied pages go back to the arena."""
@@ -274,11 +284,8 @@ class PagedKVCache:
                 ps.append(pos[take].copy())
                 if dense.mass is not None:
                     ms.append(dense.mass[pid, :f][take].copy())
-                if take.all():
-                    dense.free(pid)
-                    self.table.remove(layer, h, i)
+                if self._remove_slots(layer, h, i, dense, pid, take):
                     continue
-                dense.compact(pid, ~take)
             i += 1
         D = self.head_dim
         if not ps:
@@ -422,12 +429,8 @@ class PagedKVCache:
                         m = dest == tgt
                         moves.setdefault((int(lh), int(tgt)), []).append(
                             (k[m], v[m], ppos[m].copy(), pool.mass[pid, :f][m].astype(np.float32)))
-                if out.all():
-                    pool.free(pid)
-                    self.table.remove(layer, h, i)
-                    continue
-                pool.compact(pid, ~out)
-                i += 1
+                if not self._remove_slots(layer, h, i, pool, pid, out):
+                    i += 1
         # 2. leaving tokens to their tiers
         start = 0
         order_lh = lh_all[cur == 0]
@@ -641,14 +644,9 @@ class PagedKVCache:
                     pid = int(self.table.page_ids[layer, h, i])
                     pool = self.pools[int(self.table.page_tiers[layer, h, i])]
                     f = int(pool.fill[pid])
-                    keep = pool.positions[pid, :f] < n_tokens
-                    if not keep.any():
-                        pool.free(pid)
-                        self.table.remove(layer, h, i)
-                        continue
-                    if not keep.all():
-                        pool.compact(pid, keep)
-                    i += 1
+                    gone = pool.positions[pid, :f] >= n_tokens
+                    if not (gone.any() and self._remove_slots(layer, h, i, pool, pid, gone)):
+                        i += 1
         self.offset = n_tokens
         self.n_old = max(0, min(self.n_old, n_tokens - self.policy.sinks))
         self._obs = [x for x in self._obs if x < n_tokens]
