@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from skvrt import ckernels
+
 
 def _unavailable(reason: str):
     if os.environ.get("CI"):
@@ -59,3 +61,13 @@ def loaded(default_model_dir):
     from skvrt.loader import load_folder
 
     return load_folder(default_model_dir)
+
+
+@pytest.fixture(params=list(ckernels.VARIANTS))
+def klib(request):
+    """The C kernels built for each instruction-set variant (skvrt.ckernels.VARIANTS): every code path of a
+    kernel -- AVX-512 where the CPU has it, AVX2, plain C -- against the same NumPy twins."""
+    try:
+        return ckernels.variant_lib(request.param)
+    except (RuntimeError, OSError) as e:
+        pytest.skip(f"kernel variant {request.param} cannot be built here: {e}")

@@ -27,15 +27,6 @@ from skvrt.kv.cache import PagedKVCache
 pytestmark = pytest.mark.skipif(ckernels.lib() is None, reason=f"C kernels unavailable: {ckernels.build_error}")
 
 ATOL = RTOL = 1e-4
-ISAS = list(ckernels.VARIANTS)  # every code path of the kernel: AVX-512 (where the CPU has it), AVX2, plain C
-
-
-@pytest.fixture(params=ISAS)
-def klib(request):
-    try:
-        return ckernels.variant_lib(request.param)
-    except (RuntimeError, OSError) as e:
-        pytest.skip(f"kernel variant {request.param} cannot be built here: {e}")
 
 
 def random_keys(rng, n, D):

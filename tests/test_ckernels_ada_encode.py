@@ -50,14 +50,6 @@ MAX_GRID_DIFF_STEPS = 0.1  # of append steps on grid keys; measured 7 of 161 wit
 KEY_MODES = ("drift", "rotate", "circle", "degenerate")  # + "grid": test_grid_ties_parity
 
 
-@pytest.fixture(params=ISAS)
-def klib(request):
-    try:
-        return ckernels.variant_lib(request.param)
-    except (RuntimeError, OSError) as e:
-        pytest.skip(f"kernel variant {request.param} cannot be built here: {e}")
-
-
 def pair_bits(rng, D, key_bits, skew):
     """(D/2,) bits per pair from allocate_bits; skew: lognormal weights over decades (0-bit and 12-bit pairs)."""
     w = rng.lognormal(0, 2.5, D // 2) if skew else rng.uniform(0.1, 2, D // 2)
