@@ -4,7 +4,7 @@
  * Twin: skvrt/kv/cache.py `_scores` + skvrt/kv/attention.py `softmax_attend` (ADA pages: skvrt/kv/ada.py
  * AdaTier.scores / read_values; format: docs/FORMAT.md), the same math as kernels_c/attention_ada.c;
  * launched by skvrt/cuda/attention.py ada_decode; parity: tests/test_cuda_emu_attention.py.
- * Shapes, split-K scheme and work split: decode_common.cuh. Kernel 2 is decode_combine (decode_common.cuh).
+ * Shapes, split-K scheme and work split: decode_common.cuh. Kernel 2 is decode_combine (decode_combine.cuh).
  *
  * ADA math, per page and query head, for RoPE pair i (dims i, i + D/2) with field widths (ba_i, br_i), frame
  * (theta0_i, gamma_i, rho0_i, drho_i) and a token's codes (a_i, r_i):
@@ -32,6 +32,7 @@
  * entry), rounded up to 16 bytes (skvrt/cuda/attention.py ada_smem_bytes).
  */
 #include "decode_common.cuh"
+#include "decode_combine.cuh"
 
 namespace ada {
 using namespace dec;
@@ -43,31 +44,6 @@ struct Plan {                          // field layout of the current (tier, hea
     float th0[H2], gam[H2], rho0[H2], drho[H2];
     int entries;                       // LUT entries of the head: sum_i 2^ba_i
 };
-
-// sin and cos of x: x = k pi/2 + r, |r| <= pi/4 (pi/2 in three parts), Taylor to r^9 / r^10
-__device__ __forceinline__ void sincos_poly(float x, float &s, float &c)
-{
-    const float k = rintf(x * 0.63661977236758134f);
-    float r = x - k * 1.5703125f;
-    r -= k * 4.837512969970703125e-4f;
-    r -= k * 7.54978995489188216e-8f;
-    const float z = r * r;
-    const float sr = r + r * z * (-1.f / 6 + z * (1.f / 120 + z * (-1.f / 5040 + z * (1.f / 362880))));
-    const float cr = 1.f + z * (-0.5f + z * (1.f / 24 + z * (-1.f / 720 + z * (1.f / 40320 + z * (-1.f / 3628800)))));
-    const int qd = (int)k & 3;
-    s = qd == 0 ? sr : qd == 1 ? cr : qd == 2 ? -sr : -cr;
-    c = qd == 0 ? cr : qd == 1 ? -sr : qd == 2 ? -cr : sr;
-}
-
-// w <= 24 bits at bit offset o of a code row (only the bytes holding the field are read)
-__device__ __forceinline__ unsigned field(const unsigned char *row, int o, int w)
-{
-    if (w == 0) return 0u;
-    const int b0 = o >> 3, b1 = (o + w - 1) >> 3;
-    unsigned v = 0u;
-    for (int b = b1; b >= b0; b--) v = (v << 8) | row[b];
-    return (v >> (o & 7)) & ((1u << w) - 1u);
-}
 
 // field layout of head h in tier T (warp 0 scans the widths), then the pair of every LUT entry
 __device__ __forceinline__ void build_plan(Plan &pl, const TierDesc &T, int h, unsigned char *__restrict__ epair)

@@ -1,5 +1,5 @@
 /* decode_common.cuh: what the decode-attention kernels share (dense_decode.cu, ada_decode.cu): compile-time
- * shapes, the tier descriptor, the block's softmax state, the dense-page fold, and the split-K combine.
+ * shapes, the tier descriptor, the block's softmax state, the dense-page fold, and the split-K scheme (its combine kernel: decode_combine.cuh).
  *
  * Compile-time shapes, passed by the loader as -D options (one module per combination):
  *   HEAD_DIM   D   64, 128 or 256
@@ -80,6 +80,32 @@ template <typename T> __device__ __forceinline__ const T *page_at(const T *field
 template <typename T> __device__ __forceinline__ T *page_at(T *field, int pid, long long stride)
 {
     return reinterpret_cast<T *>(reinterpret_cast<char *>(field) + pid * stride);
+}
+
+/* Shared with ada_decode.cu and prefill_attention.cu (ADA pages). */
+// sin and cos of x: x = k pi/2 + r, |r| <= pi/4 (pi/2 in three parts), Taylor to r^9 / r^10
+__device__ __forceinline__ void sincos_poly(float x, float &s, float &c)
+{
+    const float k = rintf(x * 0.63661977236758134f);
+    float r = x - k * 1.5703125f;
+    r -= k * 4.837512969970703125e-4f;
+    r -= k * 7.54978995489188216e-8f;
+    const float z = r * r;
+    const float sr = r + r * z * (-1.f / 6 + z * (1.f / 120 + z * (-1.f / 5040 + z * (1.f / 362880))));
+    const float cr = 1.f + z * (-0.5f + z * (1.f / 24 + z * (-1.f / 720 + z * (1.f / 40320 + z * (-1.f / 3628800)))));
+    const int qd = (int)k & 3;
+    s = qd == 0 ? sr : qd == 1 ? cr : qd == 2 ? -sr : -cr;
+    c = qd == 0 ? cr : qd == 1 ? -sr : qd == 2 ? -cr : sr;
+}
+
+// w <= 24 bits at bit offset o of a code row (only the bytes holding the field are read)
+__device__ __forceinline__ unsigned field(const unsigned char *row, int o, int w)
+{
+    if (w == 0) return 0u;
+    const int b0 = o >> 3, b1 = (o + w - 1) >> 3;
+    unsigned v = 0u;
+    for (int b = b1; b >= b0; b--) v = (v << 8) | row[b];
+    return (v >> (o & 7)) & ((1u << w) - 1u);
 }
 
 struct BlockState {
@@ -280,89 +306,3 @@ __device__ __forceinline__ void write_partial(BlockState &st, const ValueRole &v
 }
 
 }  // namespace dec
-
-/* Kernel 2 of both decode ops. grid (H,), block (NT,).
- *   part_acc (H, S, G, D), part_ml (H, S, G, 2) float32   the splits' partials
- *   slot_w (H, max_pages, G, P), page_m (H, max_pages, G) float32, or both null   kept weights (mass only)
- *   tiers (n_tiers,) TierDesc; page_ids, page_tiers (H, max_pages) (page_tiers null: every page is tier 0);
- *   fill (N,) int32; n_pages (H,) int32                   to find each slot's mass field
- *   out        (H * G, D) float32                          softmax(logits) @ V per query head (0 if no tokens)
- *   page_mass  (H, max_pages) float32 or null              attention mass of table entry pi of KV head h: the
- *              softmax weights of its tokens summed over the G query heads; 0 for pi >= n_pages[h]
- * With slot_w, every slot's own mass (summed over the G query heads) is also added to its tier's mass field.
- */
-extern "C" __global__ void __launch_bounds__(dec::NT, dec::MIN_BLOCKS)
-decode_combine(const float *__restrict__ part_acc, const float *__restrict__ part_ml, const float *__restrict__ slot_w,
-               const float *__restrict__ page_m, const dec::TierDesc *__restrict__ tiers,
-               const int *__restrict__ page_ids, const signed char *__restrict__ page_tiers,
-               const int *__restrict__ fill, const int *__restrict__ n_pages, int S, int max_pages,
-               float *__restrict__ out, float *__restrict__ page_mass)
-{
-    using namespace dec;
-    constexpr int IT = (G * D + NT - 1) / NT;
-    __shared__ float mx[G], inv_l[G];
-    __shared__ float w[COMBINE_CH][G];
-    const int h = blockIdx.x, tid = threadIdx.x;
-    const float *ml = part_ml + (long long)h * S * G * 2;
-    if (tid < G) {
-        float M = neg_inf(), L = 0.f;
-        for (int s = 0; s < S; s++) M = fmaxf(M, ml[(s * G + tid) * 2]);
-        for (int s = 0; s < S; s++) {
-            const float l = ml[(s * G + tid) * 2 + 1];
-            if (l > 0.f) L += __expf(ml[(s * G + tid) * 2] - M) * l;
-        }
-        mx[tid] = M;
-        inv_l[tid] = L > 0.f ? 1.f / L : 0.f;
-    }
-    __syncthreads();
-    float o[IT];
-#pragma unroll
-    for (int k = 0; k < IT; k++) o[k] = 0.f;
-    for (int s0 = 0; s0 < S; s0 += COMBINE_CH) {
-        for (int i = tid; i < COMBINE_CH * G; i += NT) {
-            const int s = s0 + i / G, g = i % G;
-            const float l = s < S ? ml[(s * G + g) * 2 + 1] : 0.f;
-            w[i / G][g] = l > 0.f ? __expf(ml[(s * G + g) * 2] - mx[g]) * inv_l[g] : 0.f;
-        }
-        __syncthreads();
-        const int n = min(COMBINE_CH, S - s0);
-        for (int j = 0; j < n; j++) {
-            const float *a = part_acc + ((long long)h * S + s0 + j) * G * D;
-#pragma unroll
-            for (int k = 0; k < IT; k++) {
-                const int idx = tid + k * NT;
-                if (idx < G * D) o[k] += w[j][idx / D] * a[idx];
-            }
-        }
-        __syncthreads();
-    }
-#pragma unroll
-    for (int k = 0; k < IT; k++) {
-        const int idx = tid + k * NT;
-        if (idx < G * D) out[(long long)h * G * D + idx] = o[k];
-    }
-    if (!slot_w) return;
-    // mass: warp per table entry; slot t of entry pi gets sum_g w[g][t] * exp(m_page[g] - M[g]) / L[g]
-    const int lane = tid & 31;
-    for (int pi = tid >> 5; pi < max_pages; pi += NW) {
-        float total = 0.f;
-        if (pi < n_pages[h]) {
-            const long long e = (long long)h * max_pages + pi;
-            const int pid = page_ids[e], f = fill[pid];
-            const TierDesc &T = tiers[page_tiers ? page_tiers[e] : 0];
-            float c[G];
-#pragma unroll
-            for (int g = 0; g < G; g++) c[g] = inv_l[g] > 0.f ? __expf(page_m[e * G + g] - mx[g]) * inv_l[g] : 0.f;
-            float *slot_mass = T.mass ? page_at(T.mass, pid, T.stride) : nullptr;
-            for (int t = lane; t < f; t += 32) {
-                float x = 0.f;
-#pragma unroll
-                for (int g = 0; g < G; g++) x += slot_w[(e * G + g) * P + t] * c[g];
-                if (slot_mass) slot_mass[t] += x;
-                total += x;
-            }
-        }
-        total = warp_sum(total);
-        if (page_mass && lane == 0) page_mass[(long long)h * max_pages + pi] = total;
-    }
-}

@@ -16,7 +16,9 @@
  *   pos_pages  int32     the pool's positions field (N, P), same page stride
  *   fill       (N,)      int32     the arena's fill: fill[pid] = max(fill[pid], slot + 1)
  *   stride     long long bytes between pages (the arena's frame size)
- *   pos0       int       position of token 0 (token t is at pos0 + t)
+ *   positions  (T,)      int32     position of each token, or null: token t is at pos0 + t (a device array lets
+ *                                  a captured CUDA graph take a new position at every replay)
+ *   pos0       int       position of token 0 when `positions` is null
  *   head_dim   int       D
  *   T          int       tokens (the (H, T) tables' row length)
  */
@@ -26,7 +28,7 @@ extern "C" __global__ void __launch_bounds__(128)
 dense_append(const float *__restrict__ k, const float *__restrict__ v, long long h_stride, long long t_stride,
              const int *__restrict__ page_ids, const int *__restrict__ slots, __half *__restrict__ k_pages,
              __half *__restrict__ v_pages, int *__restrict__ pos_pages, int *__restrict__ fill, long long stride,
-             int pos0, int head_dim, int T)
+             const int *__restrict__ positions, int pos0, int head_dim, int T)
 {
     const int t = blockIdx.x, h = blockIdx.y;
     const int pid = page_ids[h * T + t], slot = slots[h * T + t];
@@ -40,7 +42,7 @@ dense_append(const float *__restrict__ k, const float *__restrict__ v, long long
     }
     if (threadIdx.x == 0) {
         int *pp = reinterpret_cast<int *>(reinterpret_cast<char *>(pos_pages) + pid * stride);
-        pp[slot] = pos0 + t;
+        pp[slot] = positions ? positions[t] : pos0 + t;
         atomicMax(fill + pid, slot + 1);
     }
 }

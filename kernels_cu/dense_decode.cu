@@ -2,7 +2,7 @@
  *
  * Twin: skvrt/kv/attention.py gather_dense + attend_dense (kernels_c/attention_dense.c on the CPU); launched
  * by skvrt/cuda/attention.py dense_decode; parity: tests/test_cuda_emu_attention.py. Shapes, the split-K scheme
- * and the work split: decode_common.cuh; kernel 2 is decode_combine there.
+ * and the work split: decode_common.cuh; kernel 2 is decode_combine (decode_combine.cuh).
  *
  * dense_decode_partial: grid (S, H), block (NT,) = (128,); block (s, h) folds table entries
  * [s * pages_per_split, min((s + 1) * pages_per_split, n_pages[h])) of KV head h.
@@ -19,6 +19,7 @@
  * Shared memory: static only, (G D + G P + 3 G) floats (+ NGRP D when G < NGRP).
  */
 #include "decode_common.cuh"
+#include "decode_combine.cuh"
 
 extern "C" __global__ void __launch_bounds__(dec::NT, dec::MIN_BLOCKS)
 dense_decode_partial(const float *__restrict__ q, const __half *__restrict__ k, const __half *__restrict__ v,

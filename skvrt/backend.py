@@ -11,11 +11,12 @@
 The explicit argument wins over $SKVRT_DEVICE, which wins over "auto". Probing imports CuPy only when CUDA is
 a candidate (auto or cuda); `cpu` never touches it.
 
-Status of the GPU model path: the CUDA kernels (decode attention, RMSNorm, RoPE, SwiGLU, KV append / ADA
-encode) exist and are verified on the CPU emulator and by NVRTC (tests/test_cuda_*.py); the end-to-end model
-on a GPU (weights on the device, one model code path over an array module) does not exist yet, so
-`MODEL_ON_CUDA` is False: `auto` picks the CPU with that reason, and `cuda` on a machine with a working GPU
-raises DeviceError saying so (run `python -m skvrt.selftest --gpu` for the kernel suite).
+The model on CUDA (MODEL_ON_CUDA): weights on the device in float16, activations float32, the row ops and
+attention through the RawModule kernels, GEMMs through cuBLAS (skvrt/cuda/model_ops.py), the KV cache's pages on
+the device (skvrt/cuda/cache.py DeviceKVCache: policies full, window, ada; the budgeted RDR policies raise
+InputError). Running the model also needs cuBLAS (the `nvidia-cublas` wheel or a toolkit): for the model,
+`cuda` raises DeviceError and `auto` picks the CPU when it does not load. The kernels alone:
+`python -m skvrt.selftest --gpu`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .errors import SkvrtError
 
 DEVICES = ("auto", "cpu", "cuda")
 ENV = "SKVRT_DEVICE"
-MODEL_ON_CUDA = False  # the end-to-end model runs on CUDA (issue 5, item 1); kernels alone: skvrt.selftest
+MODEL_ON_CUDA = True  # the end-to-end model runs on CUDA (skvrt/cuda/model_ops.py, cache.py)
 
 
 class DeviceError(SkvrtError):
@@ -89,6 +90,16 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+def cublas_unavailable_reason() -> str | None:
+    """None when cuBLAS loads through CuPy (the model's GEMMs); else why not, one line."""
+    try:
+        from cupy_backends.cuda.libs import cublas  # noqa: F401  (loads libcublas / libcublasLt)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"cuBLAS does not load ({type(e).__name__}: {first}); pip install nvidia-cublas (CUDA 13) or nvidia-cublas-cu12"
+    return None
+
+
 def cuda_info() -> str:
     import cupy
     from cupy_backends.cuda.libs import nvrtc
@@ -120,14 +131,17 @@ def select(device: str | None = None, *, for_model: bool = False) -> Device:
     if req == "auto" and for_model and not MODEL_ON_CUDA:  # no probe (importing CuPy costs ~1 s)
         return Device("cpu", req, "the model does not run on CUDA yet (skvrt.backend.MODEL_ON_CUDA)")
     why = cuda_unavailable_reason()
+    label = "no GPU: "
+    if why is None and for_model:  # the model's GEMMs need cuBLAS too
+        why, label = cublas_unavailable_reason(), "the GPU cannot run the model: "
     if req == "cuda":
         if why is not None:
-            raise DeviceError(f"--device cuda: no GPU: {why}")
+            raise DeviceError(f"--device cuda: {label}{why}")
         info = cuda_info()
         if for_model and not MODEL_ON_CUDA:
             raise DeviceError(f"--device cuda: a GPU is here ({info}) but the end-to-end model does not run on "
                               f"CUDA yet (only the kernels do: python -m skvrt.selftest --gpu); use --device cpu")
         return Device("cuda", req, "requested", info)
     if why is not None:
-        return Device("cpu", req, f"no GPU: {why}")
-    return Device("cuda", req, "CuPy, a GPU and NVRTC found", cuda_info())
+        return Device("cpu", req, f"{label}{why}")
+    return Device("cuda", req, "CuPy, a GPU and NVRTC found" + (" (and cuBLAS)" if for_model else ""), cuda_info())

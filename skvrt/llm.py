@@ -26,7 +26,7 @@ from .threads import set_threads
 class LLM:
     def __init__(self, loaded: LoadedModel, n_ctx: int | None = None, kv_dtype: str = "float16",
                  threads: int | None = None, kv_policy: str = "full", kv_opts: dict | None = None,
-                 kv_budget=None, device: str | None = None):
+                 kv_budget=None, device: str | None = None, cuda_graphs: bool | None = None):
         self.device = select_device(device, for_model=True)  # DeviceError for an unusable --device cuda
         self.loaded = loaded
         self.model = loaded.model
@@ -39,8 +39,37 @@ class LLM:
         if kv_budget is not None:
             opts["budget"] = kv_budget
         self.cache = make_cache(self.args, n_ctx, kv_policy, kv_dtype, **opts)
+        if self.device.name == "cuda" and self.device.requested == "auto":
+            from .backend import Device
+            from .cuda.cache import check_policy
+
+            try:  # auto chooses: a policy the GPU does not run keeps the model on the CPU, saying why
+                check_policy(self.cache)
+            except InputError as e:
+                self.device = Device("cpu", "auto", f"the GPU cannot run this KV policy: {e}")
+        if self.device.name == "cuda":
+            self._to_cuda(cuda_graphs)
         self.cached_tokens: list[int] = []  # token ids whose K/V the cache holds, in order
         self.last_stats: GenerationResponse | None = None
+
+    def _to_cuda(self, cuda_graphs: bool | None) -> None:
+        """Weights to the GPU (float16), the KV pages to a DeviceKVCache (InputError for a policy the GPU does
+        not run); cuda_graphs (default $SKVRT_CUDA_GRAPHS=1): decode steps replayed from CUDA graphs
+        (skvrt/cuda/graph.py)."""
+        import os
+
+        from .cuda.cache import DeviceKVCache
+        from .cuda.model_ops import CudaOps
+
+        module, xp = self.device.module_factory(), self.device.xp
+        self.cache = DeviceKVCache(self.cache, module, xp)
+        self.model = self.model.on(CudaOps(module, xp))
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("SKVRT_CUDA_GRAPHS", "0") == "1"
+        if cuda_graphs:
+            from .cuda.graph import GraphedModel
+
+            self.model = GraphedModel(self.model, self.cache)
 
     @property
     def n_ctx(self) -> int:
@@ -105,17 +134,18 @@ class LLM:
 
 def load(model: str | None = None, n_ctx: int | None = None, kv_dtype: str = "float16",
          threads: int | None = None, kv_policy: str = "full", kv_opts: dict | None = None,
-         kv_budget=None, device: str | None = None) -> LLM:
+         kv_budget=None, device: str | None = None, cuda_graphs: bool | None = None) -> LLM:
     """Load a model folder, a .gguf file, or a known model name (default: smollm2-135m-instruct).
 
     kv_policy: see skvrt.kv.KV_POLICIES (full, window, ada, quant, snapkv, h2o, spherical); kv_opts: that
     policy's options, e.g. {"window": 128} or {"k_bits": 2, "v_bits": 4}; kv_budget: the cache's byte budget
     -- "25%" (of the fp16 cache at n_ctx), 0.25, "64MiB" or bytes -- required by snapkv / h2o / spherical.
     device: "auto", "cpu" or "cuda" (default $SKVRT_DEVICE, else auto; skvrt.backend), checked before the
-    model is read."""
+    model is read. On CUDA: weights float16 on the GPU, KV policies full / window / ada; cuda_graphs (default
+    $SKVRT_CUDA_GRAPHS=1, else off) replays decode steps from CUDA graphs."""
     from .backend import select
     from .store import resolve
 
     select(device, for_model=True)  # fail before downloading / reading weights
     return LLM(load_folder(resolve(model)), n_ctx=n_ctx, kv_dtype=kv_dtype, threads=threads, kv_policy=kv_policy,
-               kv_opts=kv_opts, kv_budget=kv_budget, device=device)
+               kv_opts=kv_opts, kv_budget=kv_budget, device=device, cuda_graphs=cuda_graphs)

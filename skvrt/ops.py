@@ -44,3 +44,61 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     logits = logits.astype(np.float64)
     m = np.max(logits, axis=-1, keepdims=True)
     return logits - m - np.log(np.sum(np.exp(logits - m), axis=-1, keepdims=True))
+
+
+class CpuOps:
+    """The model's ops backend on the CPU: NumPy float32 (the reference path; models/llama.py Model.forward runs
+    over an ops object, skvrt/cuda/model_ops.py CudaOps is the GPU one). Weights stay the float32 NumPy arrays
+    they are; every method is the NumPy expression the model used inline, so results are bit for bit the same."""
+
+    name = "cpu"
+    xp = np
+
+    def matrix(self, a: np.ndarray) -> np.ndarray:  # (out, in) float32 weight
+        return a
+
+    def vector(self, a: np.ndarray) -> np.ndarray:  # norm weights, biases, rope inverse frequencies
+        return a
+
+    def embed(self, table: np.ndarray, tokens) -> np.ndarray:
+        return table[tokens]
+
+    def rope_ctx(self, inv_freq: np.ndarray, positions: np.ndarray):
+        return rope_tables(inv_freq, positions)
+
+    def linear(self, x: np.ndarray, w: np.ndarray, b=None) -> np.ndarray:
+        y = x @ w.T
+        if b is not None:
+            y += b
+        return y
+
+    def qkv_heads(self, qkv: np.ndarray, T: int, nq: int, nkv: int, D: int, rope):
+        """(T, (nq + 2 nkv) D) -> q (nq, T, D), k (nkv, T, D) post-RoPE, v (nkv, T, D)."""
+        cos, sin = rope
+        heads = qkv.reshape(T, nq + 2 * nkv, D).transpose(1, 0, 2)
+        return apply_rope(heads[:nq], cos, sin), apply_rope(heads[nq : nq + nkv], cos, sin), heads[nq + nkv :]
+
+    def merge_heads(self, attn: np.ndarray, T: int) -> np.ndarray:
+        return attn.transpose(1, 0, 2).reshape(T, -1)
+
+    def rms_norm(self, x, w, eps):
+        return rms_norm(x, w, eps)
+
+    def add_rms_norm(self, x, r, w, eps):
+        """x += r (in place), -> rms_norm(x) * w."""
+        x += r
+        return rms_norm(x, w, eps)
+
+    def add(self, x, r):
+        x += r
+        return x
+
+    def swiglu(self, gu: np.ndarray) -> np.ndarray:
+        F = gu.shape[1] // 2
+        return silu(gu[:, :F]) * gu[:, F:]
+
+    def to_host(self, a) -> np.ndarray:
+        return a
+
+
+CPU = CpuOps()

@@ -7,8 +7,11 @@ one H200), `--dry-run` anywhere (the same code paths on the CPU CUDA emulator at
 1. Parity. Every check of skvrt.cuda.checks.SUITE (each kernel vs its NumPy twin on random inputs: RMSNorm,
    RoPE, SwiGLU, dense KV append, ADA encode, dense / ADA decode attention) on the device; with --gpu also
    larger, model-shaped cases (GPU_EXTRA), and emulator vs GPU on the SUITE's inputs (when g++ is there:
-   the kernel run by the emulator on the CPU must agree with the kernel run by the GPU). Prints one line
-   per check, then `N passed, N failed`.
+   the kernel run by the emulator on the CPU must agree with the kernel run by the GPU). Then the model end to
+   end (skvrt/cuda/e2e.py): logits of the GPU path vs the CPU model on the default model (full float16, eager
+   and through CUDA graphs; ada with float32 weights) and on two tiny random llamas; a default-model case
+   whose model is not in the store is SKIPped (said, not counted). Prints one line per check, then
+   `N passed, N failed`.
 2. Benchmark of decode attention, the kernels alone: Llama-3-8B-shaped KV (32 layers, 8 KV heads, 32 query
    heads, head_dim 128), random-initialised pages laid out as the frame arena lays them out, pages scattered
    over the arena; for `full` (dense float16 pages), `ada` (the ADA tier of `--kv-policy ada`'s defaults:
@@ -18,6 +21,15 @@ one H200), `--dry-run` anywhere (the same code paths on the CPU CUDA emulator at
    partial + combine kernels, captured in a CUDA graph and replayed (eager launches if capture fails, said
    in the table). Achieved HBM bandwidth = bytes the kernels must read (page payloads: keys / codes, values,
    scales, frames; not the tables) / time.
+3. Benchmark of the whole model's decode (bench_model): Llama-3-8B-shaped random float16 weights (made on the
+   device), batch 1, a synthetic KV cache of each context laid out as `full` / `ada` hold it, each timed step
+   the real decode step (skvrt/cuda/graph.py DecodeStep: host page plan, CUDA graph replay, logits to the
+   host, window moves): ms / step, tok/s, achieved HBM GB/s = (weights + KV bytes read) / time. `spherical`
+   is not measured end to end (no device RDR allocator; said under the table).
+Time on one H200 (an estimate, the suite has not run on a GPU yet): parity ~1-2 min (NVRTC compiles, the
+emulator comparisons, the default model's CPU reference), attention table ~1 min, model table ~2-3 min (three
+contexts x two policies, each: synthetic cache of up to 17 GB, one graph capture, 22 steps) -- under 8 min.
+Peak device memory ~35 GB (16 GB of weights with the embedding + the `full` 128K cache, 17 GB).
 Exit status: 0 when every check passed, 1 when one failed, 2 when the device is unusable ("no GPU: <why>").
 """
 
@@ -41,6 +53,8 @@ GPU_EXTRA = [
     ("ada_encode 8B H=8 D=128 P=64 192b", "check_ada_encode", dict(H=8, D=128, P=64, key_bits=192, vb=4, vg=32, n_jobs=64)),
     ("dense_decode 8B H=8 G=4 T=3000", "check_decode", dict(H=8, G=4, D=128, P=64, T=3000, key_bits=None, pages_per_split=4)),
     ("ada_decode 8B H=8 G=4 T=3000 192b", "check_decode", dict(H=8, G=4, D=128, P=64, T=3000, key_bits=192, vb=4, vg=32, pages_per_split=4)),
+    ("prefill 8B H=8 G=4 D=128 ctx=3000 chunk=256", "check_prefill", dict(H=8, G=4, D=128, P=64, n_ctx=3000, T=256)),
+    ("prefill 8B H=8 G=4 ctx=3000 chunk=256 192b", "check_prefill", dict(H=8, G=4, D=128, P=64, n_ctx=3000, T=256, key_bits=192, vb=4, vg=32)),
 ]
 
 
@@ -317,6 +331,236 @@ def bench_attention(module, xp, shape: Shape, contexts: list[int], configs=("ful
     return rows
 
 
+# ---- end-to-end model parity -----------------------------------------------------------------------------
+
+PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+          "movable metal type, oil-based ink and a wooden screw press. Within fifty years, presses had spread to "
+          "more than two hundred cities, and the price of books fell sharply. Scholars could now compare identical "
+          "copies of a text, which changed how knowledge was checked and shared. ")
+
+
+def _model_cases(gpu: bool) -> list[tuple[str, dict]]:
+    """(name, e2e.run_pair options): the default model (full float16 with and without CUDA graphs, ada with
+    float32 weights -- e2e's module docstring says why), then tiny random llamas of the other shapes."""
+    n, dec, chunk = (200, 16, 64) if gpu else (21, 4, 11)
+    ada = dict(kv_policy="ada", sinks=4, window=64, page_size=64) if gpu else \
+        dict(kv_policy="ada", sinks=2, window=4, page_size=16)
+    return [
+        (f"model e2e default full fp16 CUDA graphs ({n - dec} prompt + {dec} decode)",
+         dict(model="default", n=n, n_decode=dec, chunk=chunk, weight_dtype="float16", graphs=True)),
+        ("model e2e default full fp16 eager", dict(model="default", n=n, n_decode=dec, chunk=chunk,
+                                                    weight_dtype="float16")),
+        ("model e2e default ada fp32 CUDA graphs", dict(model="default", n=n, n_decode=dec, chunk=chunk,
+                                                        weight_dtype="float32", graphs=True, **ada)),
+        ("model e2e tiny GQA 8:1 D=128 full fp16", dict(model="gqa8_d128", n=60, n_decode=10, chunk=19,
+                                                         weight_dtype="float16", page_size=16)),
+        ("model e2e tiny GQA 3:1 D=64 ada fp32 CUDA graphs", dict(model="gqa3", n=60, n_decode=10, chunk=19,
+                                                                    weight_dtype="float32", graphs=True,
+                                                                    kv_policy="ada", sinks=4, window=16, tier=128,
+                                                                    page_size=16)),
+    ]
+
+
+def run_model_checks(module, xp, gpu: bool, out=None) -> tuple[int, int, int]:
+    """End-to-end logits, GPU path vs the CPU model (skvrt.cuda.e2e) -> (passed, failed, skipped)."""
+    from .cuda import e2e
+
+    out = out or sys.stdout
+    passed = failed = skipped = 0
+    default = None
+    for name, kw in _model_cases(gpu):
+        kw = dict(kw)
+        t0 = time.perf_counter()
+        which, n = kw.pop("model"), kw.pop("n")
+        try:
+            if which == "default":
+                if default is None:
+                    default = _load_default()
+                model = default.model
+                ids = np.array(default.tokenizer.encode(PROMPT * 4)[:n], np.int64)
+                if kw.get("kv_policy") == "ada" and model.args.kv_calibration is None:
+                    raise _Skip("the default model has no calibration sidecar (skvrt calibrate)")
+            else:
+                model = e2e.tiny_model(which)
+                ids = np.random.default_rng(1).integers(0, model.args.vocab_size, n)
+            if len(ids) < n:
+                raise _Skip(f"the prompt has {len(ids)} tokens, not {n}")
+            info = {}
+            a, b = e2e.run_pair(model, module, xp, ids, info=info, **kw)
+            stats = e2e.compare(a, b, kw["weight_dtype"], kw.get("kv_policy", "full"))
+            if kw.get("graphs") and xp is not np:
+                if info.get("capture_error") is not None:
+                    err = info["capture_error"]
+                    raise AssertionError(f"CUDA graph capture failed: {type(err).__name__}: {err}")
+                stats["graphs"] = info.get("graph_captures", 0)
+            line = f"PASS  {name}  " + " ".join(f"{k}={_fmt(v)}" for k, v in stats.items())
+            passed += 1
+        except _Skip as e:
+            line = f"SKIP  {name}  {e}"
+            skipped += 1
+        except Exception as e:
+            line = f"FAIL  {name}  {type(e).__name__}: {_first_lines(str(e))}"
+            failed += 1
+            if not isinstance(e, AssertionError):
+                traceback.print_exc(file=sys.stderr)
+        print(f"{line}  ({time.perf_counter() - t0:.1f} s)", file=out, flush=True)
+    return passed, failed, skipped
+
+
+class _Skip(Exception):
+    pass
+
+
+def _load_default():
+    """The default model (skvrt.store.resolve(None): the store's folder, pulled when missing)."""
+    from .errors import SkvrtError
+    from .loader import load_folder
+    from .store import resolve
+
+    try:
+        return load_folder(resolve(None))
+    except (SkvrtError, OSError) as e:
+        raise _Skip(f"default model unavailable: {_first_lines(str(e), 1)}") from None
+
+
+# ---- model decode benchmark ---------------------------------------------------------------------------
+
+LLAMA3_8B_MODEL = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       head_dim=128, intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
+                       max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False)
+TINY_MODEL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                  intermediate_size=256, vocab_size=512, rope_theta=10000.0, max_position_embeddings=4096,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def random_model(module, xp, config: dict, seed: int = 0):
+    """A llama of `config` with random float16 weights made on the device (N(0, 1 / fan_in)), norms 1."""
+    from .cuda.model_ops import CudaOps
+    from .models import llama
+
+    args = llama.ModelArgs.from_config(config)
+    ops = CudaOps(module, xp, "float16")
+    xp.random.seed(seed)
+    host_rng = np.random.default_rng(seed)
+    randn = (lambda shape: host_rng.standard_normal(shape, dtype=np.float32)) if xp is np else \
+        (lambda shape: xp.random.standard_normal(shape, dtype=np.float32))
+    Hd, F, D = args.hidden_size, args.intermediate_size, args.head_dim
+    nq, nkv = args.num_attention_heads, args.num_key_value_heads
+
+    def mat(n_out, n_in):
+        w = xp.empty((n_out, n_in), np.float16)
+        for s in range(0, n_out, 4096):  # bounded float32 temporaries
+            w[s : s + 4096] = (randn((min(4096, n_out - s), n_in)) * np.float32(n_in ** -0.5)).astype(np.float16)
+        return ops.device_matrix(w)
+
+    ones = ops.vector(np.ones(Hd, np.float32))
+    layers = [llama.Layer.from_arrays(wqkv=mat((nq + 2 * nkv) * D, Hd), wo=mat(Hd, nq * D), wgu=mat(2 * F, Hd),
+                                      wdown=mat(Hd, F), input_norm=ones, post_norm=ones)
+              for _ in range(args.num_hidden_layers)]
+    return llama.Model.from_arrays(args, ops, mat(args.vocab_size, Hd), layers, ones, mat(args.vocab_size, Hd))
+
+
+def synthetic_cache(module, xp, args, policy: str, ctx: int, n_ctx: int, rng):
+    """A DeviceKVCache holding `ctx` tokens of random K / V laid out as the policy's cache would hold them
+    (full: every token in dense pages; ada: sinks + the window dense, the older tokens in ADA pages of 192 key
+    bits / 4-bit values), pages allocated through the host bookkeeping as appends would, without a prefill."""
+    from .calibrate import Calibration
+    from .cuda.cache import DeviceKVCache
+    from .kv import make_policy
+    from .kv.cache import DENSE, OLD, PagedKVCache
+
+    L, H, D = args.num_hidden_layers, args.num_key_value_heads, args.head_dim
+    if policy == "full":
+        pol = make_policy("full")
+    else:
+        cal = Calibration(*(rng.uniform(0.1, 2, (L, H, D)).astype(np.float32) for _ in range(2)), {})
+        pol = make_policy("ada", calibration=cal, tier=192, v_bits=4, v_group=32)
+    host = PagedKVCache(L, H, D, n_ctx, policy=pol)
+    n_old = 0 if pol.keep_all else max(0, (ctx - pol.window - pol.sinks) // host.batch * host.batch)
+    dense_pos = np.concatenate([np.arange(min(ctx, pol.sinks if n_old else ctx)), np.arange(pol.sinks + n_old, ctx)]) \
+        if n_old else np.arange(ctx)
+    old_pos = np.arange(pol.sinks, pol.sinks + n_old)
+    ranges = []
+    for ti, pos in ((DENSE, dense_pos), (OLD, old_pos)):  # every page of a tier in one run of frames
+        if not len(pos):
+            continue
+        pool = host.pools[ti]
+        P = pool.page_size
+        lo = None
+        for layer in range(L):
+            for h in range(H):
+                for s0 in range(0, len(pos), P):
+                    pid = pool.alloc()
+                    lo = pid if lo is None else lo
+                    host.table.push(layer, h, pid, ti)
+                    n = min(P, len(pos) - s0)
+                    pool.positions[pid, :n] = pos[s0 : s0 + n]
+                    pool.fill[pid] = n
+        ranges.append((ti, lo, pid + 1))
+    host.offset, host.n_old = ctx, n_old
+    dev = DeviceKVCache(host, module, xp)
+    for ti, lo, hi in ranges:
+        for name, a in dev.fields[ti].items():
+            if name == "positions":
+                a[lo:hi] = xp.asarray(host.pools[ti].positions[lo:hi])
+            elif name != "mass":
+                _fill_random(xp, a[lo:hi], name)
+    dev._sync_fill()
+    dev._dirty.update(range(L))
+    return dev, [(host.pools[ti].tier, len(p), -(-len(p) // host.pools[ti].page_size))
+                 for ti, p in ((DENSE, dense_pos), (OLD, old_pos)) if len(p)]
+
+
+def bench_model(module, xp, config: dict, contexts: list[int], policies=("full", "ada"), steps: int = 20,
+                seed: int = 0, out=None) -> list[dict]:
+    """Decode tok/s of a whole model (random weights, batch 1) at each context with a synthetic KV cache; every
+    step is the real decode step (skvrt/cuda/graph.py DecodeStep: CUDA graph replay on a GPU, host bookkeeping,
+    logits to the host). Prints a markdown table."""
+    from .cuda.graph import DecodeStep
+
+    out = out or sys.stdout
+    rng = np.random.default_rng(seed)
+    model = random_model(module, xp, config, seed)
+    a = model.args
+    L, H, D = a.num_hidden_layers, a.num_key_value_heads, a.head_dim
+    w_bytes = sum(int(getattr(layer, n).w.nbytes) for layer in model.layers for n in ("wqkv", "wo", "wgu", "wdown"))
+    w_bytes += int(model.lm_head.w.nbytes) + a.hidden_size * 2  # + the one embedding row read
+    print(f"\nModel decode, whole model: {L} layers, hidden {a.hidden_size}, {a.num_attention_heads} query / {H} KV "
+          f"heads, head_dim {D}, vocab {a.vocab_size}, random float16 weights ({w_bytes / 1e9:.2f} GB read per "
+          f"step), batch 1, {steps} timed steps after 2 warm-up steps (the first captures the CUDA graph)", file=out)
+    print("| policy | context | ms / step | tok/s | weights + KV read / step | GB/s | run |", file=out)
+    print("|---|---|---|---|---|---|---|", file=out)
+    rows = []
+    for ctx in contexts:
+        for policy in policies:
+            cache, held = synthetic_cache(module, xp, a, policy, ctx, ctx + steps + 8, rng)
+            kv_bytes = L * H * sum(_read_bytes(t, n, p, D) for t, n, p in held)
+            mode = "graph" if xp is not np else "emulated"
+            step = DecodeStep(model, cache, use_graph=xp is not np)
+            toks = rng.integers(0, a.vocab_size, steps + 2)
+            logits = step(int(toks[0]))  # warm-up, then capture (on failure: eager steps, said on stderr)
+            if step.capture_error is not None:
+                mode = "eager (capture failed)"
+            assert logits.shape == (a.vocab_size,)
+            step(int(toks[1]))
+            t0 = time.perf_counter()
+            for t in toks[2:]:
+                logits = step(int(t))
+            sec = (time.perf_counter() - t0) / steps
+            nbytes = w_bytes + kv_bytes
+            row = {"policy": policy, "context": ctx, "ms": sec * 1e3, "tok_s": 1 / sec, "bytes": nbytes,
+                   "gbs": nbytes / sec / 1e9, "mode": mode, "finite": bool(np.isfinite(logits).all())}
+            rows.append(row)
+            print(f"| {policy} | {ctx} | {sec * 1e3:.2f} | {1 / sec:,.1f} | {w_bytes / 1e9:.2f} + {kv_bytes / 1e9:.2f} "
+                  f"GB | {row['gbs']:,.0f} | {mode} |", file=out, flush=True)
+            del step, cache
+            if xp is not np:
+                xp.get_default_memory_pool().free_all_blocks()
+    print("spherical: not measured end to end -- its RDR allocator has no device implementation (DeviceKVCache "
+          "runs full / window / ada); the attention table above has a fixed spherical tier mix", file=out)
+    return rows
+
+
 # ---- entry point ------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -359,14 +603,21 @@ def main(argv=None) -> int:
         contexts, steps = a.contexts or "40,300", a.steps or 1
     t0 = time.perf_counter()
     passed, failed = run_checks(module, xp, emu_module, extra=a.gpu)
-    print(f"{passed} passed, {failed} failed ({time.perf_counter() - t0:.0f} s)", flush=True)
+    p2, f2, skipped = run_model_checks(module, xp, gpu=a.gpu)
+    passed, failed = passed + p2, failed + f2
+    print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else "") +
+          f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     if not a.no_bench:
-        try:
-            bench_attention(module, xp, shape, [int(c) for c in contexts.split(",") if c], steps=steps)
-        except Exception as e:
-            traceback.print_exc()
-            print(f"benchmark failed: {type(e).__name__}: {e}")
-            failed += 1
+        ctx_list = [int(c) for c in contexts.split(",") if c]
+        for bench in (lambda: bench_attention(module, xp, shape, ctx_list, steps=steps),
+                      lambda: bench_model(module, xp, LLAMA3_8B_MODEL if a.gpu else TINY_MODEL, ctx_list,
+                                          steps=steps)):
+            try:
+                bench()
+            except Exception as e:
+                traceback.print_exc()
+                print(f"benchmark failed: {type(e).__name__}: {e}")
+                failed += 1
     print(f"selftest done in {time.perf_counter() - t0:.0f} s")
     return 1 if failed else 0
 

@@ -63,9 +63,10 @@ def test_cuda_fails_loudly_auto_picks_cpu_with_reason():
     assert str(e.value) == f"--device cuda: no GPU: {why}"
     d = select("auto")
     assert d.name == "cpu" and d.reason == f"no GPU: {why}" and "auto: no GPU" in str(d)
-    # for the model, auto does not even probe (the model has no CUDA path yet) but says so
+    # for the model the same probe decides (the model runs on CUDA: backend.MODEL_ON_CUDA)
+    assert backend.MODEL_ON_CUDA
     d = select("auto", for_model=True)
-    assert d.name == "cpu" and "does not run on CUDA" in d.reason
+    assert d.name == "cpu" and d.reason == f"no GPU: {why}"
 
 
 def _fake_import_error(monkeypatch, name):
@@ -129,15 +130,21 @@ def test_reason_names_a_missing_nvrtc(monkeypatch):
     assert why.startswith("NVRTC does not load (OSError: libnvrtc.so.13") and "nvidia-cuda-nvrtc" in why
 
 
-def test_a_working_gpu_but_no_model_path_is_an_error_not_a_fallback(monkeypatch):
+def test_a_working_gpu_without_cublas_cannot_run_the_model_no_fallback(monkeypatch):
+    """A GPU with CuPy and NVRTC runs the kernels; the model also needs cuBLAS: without it, `cuda` for the model
+    is an error naming cuBLAS and `auto` picks the CPU saying why."""
     monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda: None)
     monkeypatch.setattr(backend, "cuda_info", lambda: "Fake H200, sm_90")
+    monkeypatch.setattr(backend, "cublas_unavailable_reason", lambda: "cuBLAS does not load (x)")
     d = select("cuda")  # the kernels alone (skvrt.selftest) may use it
     assert d.name == "cuda" and d.info == "Fake H200, sm_90"
-    with pytest.raises(DeviceError, match="does not run on CUDA yet"):
+    with pytest.raises(DeviceError, match="the GPU cannot run the model: cuBLAS does not load"):
         select("cuda", for_model=True)
     assert select("auto").name == "cuda"
-    assert select("auto", for_model=True).name == "cpu"
+    d = select("auto", for_model=True)
+    assert d.name == "cpu" and "cuBLAS" in d.reason
+    monkeypatch.setattr(backend, "cublas_unavailable_reason", lambda: None)
+    assert select("cuda", for_model=True).name == "cuda" and select("auto", for_model=True).name == "cuda"
 
 
 def test_load_fails_before_reading_the_model(monkeypatch):

@@ -44,15 +44,17 @@ def test_swiglu(module, T, F):
     checks.check_swiglu(module, np, np.random.default_rng(F), T=T, F=F)
 
 
-@pytest.mark.parametrize("H,D,P,n_prev,T,nq", [
-    (2, 64, 16, 21, 37, 4),    # continues a part-filled page, then new pages
-    (3, 128, 32, 40, 29, 9),   # 3:1 GQA
-    (1, 64, 5, 0, 1, 8),       # first token of an empty cache, 5-token pages
-    (2, 128, 16, 16, 1, 2),    # a decode step that opens a new page
+@pytest.mark.parametrize("H,D,P,n_prev,T,nq,dev_pos", [
+    (2, 64, 16, 21, 37, 4, False),    # continues a part-filled page, then new pages
+    (3, 128, 32, 40, 29, 9, False),   # 3:1 GQA
+    (1, 64, 5, 0, 1, 8, False),       # first token of an empty cache, 5-token pages
+    (2, 128, 16, 16, 1, 2, False),    # a decode step that opens a new page
+    (2, 64, 16, 21, 37, 4, True),     # positions from a device array (a CUDA graph's decode step)
+    (2, 128, 16, 16, 1, 2, True),
 ])
-def test_dense_append_byte_exact(module, H, D, P, n_prev, T, nq):
+def test_dense_append_byte_exact(module, H, D, P, n_prev, T, nq, dev_pos):
     checks.check_dense_append(module, np, np.random.default_rng(H * D + P + T), H=H, D=D, P=P, n_prev=n_prev, T=T,
-                              nq=nq)
+                              nq=nq, device_positions=dev_pos)
 
 
 @pytest.mark.parametrize("H,D,P,key_bits,vb,vg,skew", [

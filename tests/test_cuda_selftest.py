@@ -29,14 +29,20 @@ def test_gpu_without_a_gpu_is_a_clear_error():
 
 
 def test_dry_run_passes_and_prints_counts_and_table(capsys):
+    """Kernel checks, end-to-end model checks (the default model and tiny llamas, GPU path on the emulator vs the
+    CPU model; default-model cases SKIP, not fail, when the model is not in the store), then both tables."""
     assert selftest.main(["--dry-run", "--contexts", "40,200"]) == 0
     out = capsys.readouterr().out
-    n = len(checks.SUITE)
+    n_model = len(selftest._model_cases(gpu=False))
+    skipped = out.count("SKIP  ")
+    n = len(checks.SUITE) + n_model - skipped
     assert f"{n} passed, 0 failed" in out
-    assert out.count("PASS  ") == n
+    assert out.count("PASS  ") == n and out.count("PASS  model e2e") == n_model - skipped
+    assert skipped == 0 or "default model unavailable" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "emulated" in line]
-    assert len(rows) == 6  # 3 configs x 2 contexts
+    assert len(rows) == 6 + 4  # attention: 3 configs x 2 contexts; model decode: 2 policies x 2 contexts
     assert {r.split(" | ")[0][2:] for r in rows} == {"full", "ada", "spherical-mix"}
+    assert "spherical: not measured end to end" in out
 
 
 def test_emulator_vs_device_comparison_path():
@@ -67,3 +73,25 @@ def test_bench_bytes_model():
     assert selftest._read_bytes(DenseTier(), 100, 2, 128) == 100 * 512
     t = AdaTier(np.full((1, 1, 64), 3), 4, 32)
     assert selftest._read_bytes(t, 64, 1, 128) == 64 * (24 + 64 + 16) + 64 * 8
+
+
+def test_synthetic_bench_cache_is_a_valid_cache_state():
+    """The model benchmark's synthetic ada cache holds exactly the tokens a real run would (sinks + window dense,
+    the rest in ADA pages), and decoding on it goes through window moves like a real cache."""
+    from skvrt.cuda.graph import DecodeStep
+
+    module = emu.factory("forward")
+    rng = np.random.default_rng(0)
+    model = selftest.random_model(module, np, selftest.TINY_MODEL)
+    cache, held = selftest.synthetic_cache(module, np, model.args, "ada", 300, 400, rng)
+    host = cache.host
+    for layer in range(host.n_layers):
+        for h in range(host.n_kv_heads):
+            ids, tiers = host.table.pages(layer, h)
+            pos = np.concatenate([host.pools[t].positions[p, : host.arena.fill[p]] for p, t in zip(ids, tiers)])
+            assert sorted(pos.tolist()) == list(range(300))
+    assert [n for _, n, _ in held] == [300 - 192, 192]
+    step = DecodeStep(model, cache)
+    for t in range(30):  # 300 + 30 - 64 - 4 - 192 >= 64: one batch leaves the window
+        assert np.isfinite(step(t % 512)).all()
+    assert host.n_old == 256 and cache.offset == 330

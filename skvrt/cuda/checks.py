@@ -12,6 +12,7 @@ Tolerances (why they are what they are: each kernel's header comment):
                >= 97 % of key fields identical; per page, the decoded keys' worst error within
                1.05 x the twin's worst error + 1e-3 max|k|
     decode     atol = rtol = 1e-4 (as the C kernels)
+    prefill    atol = rtol = 1e-4 (float32 sums in another order; ADA keys from the Cody-Waite sincos, ~1e-7)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .. import ops as np_ops
 from . import attention as cuda_attention
 from . import kv_write
 from . import ops as cuda_ops
+from . import prefill as cuda_prefill
 
 
 def to_np(a) -> np.ndarray:
@@ -93,10 +95,11 @@ def check_swiglu(module, xp, rng, T: int = 3, F: int = 1536):
 # ---- KV writes -------------------------------------------------------------------------------------------
 
 def check_dense_append(module, xp, rng, H: int = 2, D: int = 64, P: int = 16, n_prev: int = 21, T: int = 37,
-                       nq: int = 4):
+                       nq: int = 4, device_positions: bool = False):
     """New tokens into dense pages: the kernel (page plan from plan_dense_append) vs PagedKVCache.append on
     an identical cache: every arena byte, the fill counts and the page table equal. k, v are strided views of
-    a q|k|v block, as the model would pass them."""
+    a q|k|v block, as the model would pass them. device_positions: positions from a device array (what a
+    captured CUDA graph uses) instead of pos0."""
     from ..kv.cache import PagedKVCache
 
     a, b = (PagedKVCache(1, H, D, n_ctx=n_prev + T + 8, page_size=P) for _ in range(2))
@@ -112,8 +115,9 @@ def check_dense_append(module, xp, rng, H: int = 2, D: int = 64, P: int = 16, n_
     f = kv_write.pool_fields(xp, b.pools[0], buf)
     qd = xp.asarray(qkv)
     kd, vd = qd[:, nq : nq + H].transpose(1, 0, 2), qd[:, nq + H :].transpose(1, 0, 2)
+    pos = xp.asarray(np.arange(b.offset, b.offset + T, dtype=np.int32)) if device_positions else None
     kv_write.dense_append(module, xp, kd, vd, xp.asarray(pids), xp.asarray(slots), f["k"], f["v"], f["positions"],
-                          fill, b.offset)
+                          fill, -12345 if device_positions else b.offset, positions=pos)
     got_buf, got_fill = to_np(buf), to_np(fill)
     np.testing.assert_array_equal(got_fill, a.arena.fill)
     np.testing.assert_array_equal(b.table.page_ids, a.table.page_ids)
@@ -267,6 +271,76 @@ def check_decode(module, xp, rng, H: int = 2, G: int = 3, D: int = 64, P: int = 
     return {"out_max_abs": float(np.abs(got - want).max()), "mass_max_abs": float(np.abs(got_mass - want_mass).max())}, got
 
 
+# ---- prefill attention -------------------------------------------------------------------------------------
+
+def scramble_table(rng, cache) -> None:
+    """Shuffle every head's table entries (pages need not be in position order) and NaN-poison every unused
+    float slot (the kernels must never read past fill)."""
+    t = cache.table
+    for layer in range(cache.n_layers):
+        for h in range(cache.n_kv_heads):
+            n = t.n_pages[layer, h]
+            order = rng.permutation(n)
+            t.page_ids[layer, h, :n], t.page_tiers[layer, h, :n] = t.page_ids[layer, h, :n][order], t.page_tiers[layer, h, :n][order]
+    for pool in cache.pools:
+        pool.poison_unused()
+
+
+def device_tiers(xp, cache, buf, layer: int = 0) -> tuple[list, list]:
+    """The kernels' view of a cache's pools over the arena bytes `buf`: (tiers, positions fields)."""
+    from ..kv.ada import AdaTier, split_bits
+
+    tiers, positions = [], []
+    for pool in cache.pools:
+        f = kv_write.pool_fields(xp, pool, buf)
+        if isinstance(pool.tier, AdaTier):
+            ba, br = split_bits(pool.tier.pair_bits[layer])
+            tiers.append(cuda_attention.ada_tier(xp, f, ba, br, pool.tier.v_bits, pool.tier.v_group))
+        else:
+            tiers.append(cuda_attention.dense_tier(xp, f["k"], f["v"]))
+        positions.append(f["positions"])
+    return tiers, positions
+
+
+def check_prefill(module, xp, rng, H: int = 2, G: int = 3, D: int = 64, P: int = 16, n_ctx: int = 75, T: int = 23,
+                  key_bits: int | None = None, vb: int = 4, vg: int = 32):
+    """Causal attention of the last T tokens of a cache built the model's way (key_bits None: dense pages only;
+    else dense + ADA pages) against PagedKVCache.attend (NumPy twin), pages shuffled in each head's table,
+    unused slots NaN; q a strided view of q|k|v-like rows."""
+    import warnings
+
+    from ..kv.cache import PagedKVCache
+
+    if key_bits is None:
+        cache = PagedKVCache(1, H, D, n_ctx=n_ctx + 8, page_size=P)
+        for s in range(0, n_ctx, 29):
+            n = min(29, n_ctx - s)
+            cache.append(0, rng.normal(size=(H, n, D)).astype(np.float32), rng.normal(size=(H, n, D)).astype(np.float32))
+            cache.advance(n)
+    else:
+        cache = _ada_cache(rng, H, D, P, n_ctx, key_bits, vb, vg)
+    scramble_table(rng, cache)
+    cache.use_c = False  # the NumPy twin
+    qkv = rng.normal(0, 1, (T, H * G + 2 * H, D)).astype(np.float32)
+    qpos = np.arange(n_ctx - T, n_ctx, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the twin decodes whole pages, NaN-poisoned slots too
+        want = cache.attend(0, qkv[:, : H * G].transpose(1, 0, 2), qpos).transpose(1, 0, 2)  # (T, nq, D)
+    buf, fill = kv_write.device_arena(xp, cache.arena)
+    tiers, positions = device_tiers(xp, cache, buf)
+    t = cache.table
+    qd = xp.asarray(qkv)[:, : H * G]
+    out = xp.full((T, H * G, D), np.nan, np.float32)
+    cuda_prefill.prefill_attention(module, xp, qd, xp.asarray(qpos.astype(np.int32)), tiers, positions, fill,
+                                   xp.asarray(np.ascontiguousarray(t.page_ids[0])),
+                                   xp.asarray(np.ascontiguousarray(t.page_tiers[0])) if len(tiers) > 1 else None,
+                                   xp.asarray(np.ascontiguousarray(t.n_pages[0])), cache.scale, out)
+    got = to_np(out)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    tiers_used = sorted(set(t.page_tiers[0][t.page_tiers[0] >= 0].tolist()))
+    return {"max_abs": float(np.abs(got - want).max()), "tiers": "/".join(map(str, tiers_used))}, got
+
+
 # The suite: (name, check, kwargs). Small sizes for the emulator (--dry-run, CI); the same list on a GPU.
 SUITE = [
     ("rms_norm residual n=576", check_rms_norm, dict(T=5, n=576, residual=True)),
@@ -275,10 +349,14 @@ SUITE = [
     ("rope D=128 pos<8192", check_rope, dict(T=4, nq=4, nkv=4, D=128, pos_max=8192, theta=10000.0)),
     ("swiglu F=1536", check_swiglu, dict(T=3, F=1536)),
     ("dense_append D=64 P=16", check_dense_append, dict(H=2, D=64, P=16, n_prev=21, T=37)),
-    ("dense_append D=128 P=32", check_dense_append, dict(H=3, D=128, P=32, n_prev=40, T=29)),
+    ("dense_append D=128 P=32 device positions", check_dense_append, dict(H=3, D=128, P=32, n_prev=40, T=29,
+                                                                          device_positions=True)),
     ("ada_encode D=64 128b v4", check_ada_encode, dict(H=2, D=64, P=32, key_bits=128, vb=4, vg=32)),
     ("ada_encode D=128 192b v2 skew", check_ada_encode, dict(H=2, D=128, P=16, key_bits=192, vb=2, vg=64, skew=True)),
     ("dense_decode G=3 D=64", check_decode, dict(H=2, G=3, D=64, P=16, T=75, key_bits=None)),
     ("ada_decode G=3 D=64 128b", check_decode, dict(H=2, G=3, D=64, P=16, T=117, key_bits=128, vb=4, vg=32)),
     ("ada_decode G=8 D=128 192b", check_decode, dict(H=1, G=8, D=128, P=16, T=99, key_bits=192, vb=2, vg=32)),
+    ("prefill dense G=3 D=64", check_prefill, dict(H=2, G=3, D=64, P=16, n_ctx=75, T=23)),
+    ("prefill ada G=8 D=128 192b", check_prefill, dict(H=1, G=8, D=128, P=16, n_ctx=99, T=21, key_bits=192, vb=2,
+                                                        vg=32)),
 ]

@@ -43,11 +43,13 @@ def plan_dense_append(cache, layer: int, T: int) -> tuple[np.ndarray, np.ndarray
     return pids, slots
 
 
-def dense_append(module, xp, k, v, page_ids, slots, k_pages, v_pages, pos_pages, fill, pos0: int) -> None:
+def dense_append(module, xp, k, v, page_ids, slots, k_pages, v_pages, pos_pages, fill, pos0: int,
+                 positions=None) -> None:
     """k, v (H, T, D) float32 (any strides with a contiguous last axis); page_ids, slots (H, T) int32;
     k_pages, v_pages (N, P, D) float16 and pos_pages (N, P) int32: the dense pool's fields (page stride =
     the arena's frame bytes); fill (N,) int32: the arena's. Token t of head h -> page page_ids[h, t], slot
-    slots[h, t], position pos0 + t."""
+    slots[h, t], position pos0 + t -- or positions[t] when `positions` (T,) int32 (a device array: what a CUDA
+    graph replays with a new position) is given."""
     H, T, D = k.shape
     if v.shape != k.shape or k.dtype != np.float32 or v.dtype != np.float32:
         raise ValueError(f"k, v must both be (H, T, D) float32, got {k.shape} {k.dtype}, {v.shape} {v.dtype}")
@@ -61,10 +63,12 @@ def dense_append(module, xp, k, v, page_ids, slots, k_pages, v_pages, pos_pages,
     _check(xp, "fill", fill, (N,), np.int32)
     _check(xp, "page_ids", page_ids, (H, T), np.int32)
     _check(xp, "slots", slots, (H, T), np.int32)
+    if positions is not None:
+        _check(xp, "positions", positions, (T,), np.int32)
     if H * T:
         module("dense_append", {}).get_function("dense_append")(
             (T, H), (128,), (k, v, np.int64(k.strides[0] // 4), np.int64(k.strides[1] // 4), page_ids, slots,
-                             k_pages, v_pages, pos_pages, fill, np.int64(stride), np.int32(pos0), np.int32(D),
+                             k_pages, v_pages, pos_pages, fill, np.int64(stride), positions, np.int32(pos0), np.int32(D),
                              np.int32(T)))
 
 

@@ -1,7 +1,7 @@
 """Every CUDA source of kernels_cu/: its entry points and the compile-time configurations (-D defines) the
 compile gates build (tests/test_cuda_compile.py) and the GPU suite warms up (skvrt/selftest.py).
 
-Decode attention is compiled per (HEAD_DIM, GQA, MAX_PAGE); the other ops take their shapes at run time
+Decode and prefill attention are compiled per (HEAD_DIM, GQA, MAX_PAGE); the other ops take their shapes at run time
 and compile once (no defines).
 """
 
@@ -20,6 +20,7 @@ def decode_defines(cfg) -> dict[str, int]:
 SOURCES: dict[str, tuple[tuple[str, ...], list[dict[str, int]]]] = {
     "dense_decode": (("dense_decode_partial", "decode_combine"), [decode_defines(c) for c in DECODE_CONFIGS]),
     "ada_decode": (("ada_decode_partial", "decode_combine"), [decode_defines(c) for c in DECODE_CONFIGS]),
+    "prefill_attention": (("prefill_attention",), [decode_defines(c) for c in DECODE_CONFIGS]),
     "rms_norm": (("rms_norm",), [{}]),
     "rope": (("rope",), [{}]),
     "swiglu": (("swiglu",), [{}]),

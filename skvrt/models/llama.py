@@ -109,8 +109,13 @@ def rope_inv_freq(args: ModelArgs) -> np.ndarray:
     raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
+_LAYER_MATRICES = ("wqkv", "wo", "wgu", "wdown")
+_LAYER_VECTORS = ("input_norm", "post_norm", "bqkv", "bo")
+
+
 class Layer:
-    """One decoder block's weights, fused for fewer BLAS calls: qkv (out, in) and gate|up (2F, in)."""
+    """One decoder block's weights, fused for fewer GEMMs: qkv (out, in) and gate|up (2F, in). Arrays as the
+    ops backend holds them (CPU: float32 NumPy; CUDA: device arrays, skvrt/cuda/model_ops.py)."""
 
     def __init__(self, args: ModelArgs, w: dict[str, np.ndarray], i: int):
         p = f"model.layers.{i}."
@@ -129,6 +134,20 @@ class Layer:
         self.wgu = np.ascontiguousarray(np.concatenate([g, u], axis=0))  # (2F, H)
         self.wdown = get("mlp.down_proj.weight")  # (H, F)
 
+    @classmethod
+    def from_arrays(cls, **arrays) -> "Layer":
+        """A layer from prepared arrays (wqkv, wo, wgu, wdown, input_norm, post_norm[, bqkv, bo])."""
+        layer = cls.__new__(cls)
+        for name in (*_LAYER_MATRICES, *_LAYER_VECTORS):
+            setattr(layer, name, arrays.get(name))
+        return layer
+
+    def mapped(self, ops) -> "Layer":
+        """This layer's weights moved to an ops backend (matrices via ops.matrix, vectors via ops.vector)."""
+        out = {n: ops.matrix(getattr(self, n)) for n in _LAYER_MATRICES}
+        out |= {n: None if getattr(self, n) is None else ops.vector(getattr(self, n)) for n in _LAYER_VECTORS}
+        return Layer.from_arrays(**out)
+
 
 def _take(w: dict[str, np.ndarray], name: str) -> np.ndarray:
     if name not in w:
@@ -142,10 +161,15 @@ def sanitize(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class Model:
-    """forward(tokens, cache) -> logits. Weights float32, shapes (out_features, in_features) as in HF."""
+    """forward(tokens, cache) -> logits. Shapes (out_features, in_features) as in HF.
+
+    One code path over an ops backend (`self.ops`): skvrt.ops.CPU (NumPy float32 weights, the C / NumPy
+    attention of PagedKVCache) or skvrt.cuda.model_ops.CudaOps (weights on the GPU, RawModule kernels, cuBLAS
+    GEMMs, attention by skvrt.cuda.cache.DeviceKVCache). `Model.on(ops)` moves a loaded model to a backend."""
 
     def __init__(self, args: ModelArgs, weights: dict[str, np.ndarray]):
         self.args = args
+        self.ops = ops.CPU
         w = sanitize(dict(weights))
         self.embed = _take(w, "model.embed_tokens.weight")  # (V, H)
         if self.embed.shape != (args.vocab_size, args.hidden_size):
@@ -163,43 +187,62 @@ class Model:
         else:
             raise ModelLoadError("lm_head.weight is missing and tie_word_embeddings is false")
         self.inv_freq = rope_inv_freq(args)
+        self.rope_freq = self.inv_freq  # as the backend holds it
         self.eps = np.float32(args.rms_norm_eps)
+
+    @classmethod
+    def from_arrays(cls, args: ModelArgs, backend, embed, layers: list[Layer], norm, lm_head=None) -> "Model":
+        """A model from weights already held by `backend` (e.g. random device weights for benchmarks);
+        lm_head None: tied to embed."""
+        m = cls.__new__(cls)
+        m.args, m.ops, m.embed, m.layers, m.norm = args, backend, embed, layers, norm
+        m.lm_head = embed if lm_head is None else lm_head
+        m.inv_freq = rope_inv_freq(args)
+        m.rope_freq = backend.vector(m.inv_freq)
+        m.eps = np.float32(args.rms_norm_eps)
+        return m
+
+    def on(self, backend) -> "Model":
+        """This model with its weights moved to another ops backend (the CPU model is left as it is)."""
+        embed = backend.matrix(self.embed)
+        lm_head = None if self.lm_head is self.embed else backend.matrix(self.lm_head)
+        return Model.from_arrays(self.args, backend, embed, [layer.mapped(backend) for layer in self.layers],
+                                 backend.vector(self.norm), lm_head)
 
     @property
     def n_layers(self) -> int:
         return self.args.num_hidden_layers
 
-    def forward(self, tokens: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
-        """tokens: (T,) ids appended after the cache's contents -> logits (T, V) or (1, V) for the last token.
+    def forward(self, tokens, cache, all_logits: bool = False) -> np.ndarray:
+        """tokens: (T,) ids appended after the cache's contents -> logits (T, V) or (1, V) for the last token,
+        a host (NumPy) float32 array.
 
         The cache stores the new keys/values of every layer and computes attention over everything it holds.
         """
-        a = self.args
+        return self.ops.to_host(self.forward_device(tokens, cache, all_logits))
+
+    def forward_device(self, tokens, cache, all_logits: bool = False):
+        """forward, logits left where the backend computed them (CPU: the same NumPy array)."""
+        a, be = self.args, self.ops
         T = len(tokens)
         nq, nkv, D = a.num_attention_heads, a.num_key_value_heads, a.head_dim
         positions = np.arange(cache.offset, cache.offset + T, dtype=np.int64)  # (T,)
-        cos, sin = ops.rope_tables(self.inv_freq, positions)  # (T, D)
-        x = self.embed[tokens]  # (T, H)
+        rope = be.rope_ctx(self.rope_freq, positions)  # CPU: cos, sin (T, D); CUDA: device positions
+        x = be.embed(self.embed, tokens)  # (T, H) float32
+        h = be.rms_norm(x, self.layers[0].input_norm, self.eps) if self.layers else None
         for li, layer in enumerate(self.layers):
-            h = ops.rms_norm(x, layer.input_norm, self.eps)
-            qkv = h @ layer.wqkv.T  # (T, (nq + 2 nkv) D)
-            if layer.bqkv is not None:
-                qkv += layer.bqkv
-            qkv = qkv.reshape(T, nq + 2 * nkv, D).transpose(1, 0, 2)  # (heads, T, D)
-            q = ops.apply_rope(qkv[:nq], cos, sin)  # (nq, T, D)
-            k = ops.apply_rope(qkv[nq : nq + nkv], cos, sin)  # (nkv, T, D), post-RoPE
-            v = qkv[nq + nkv :]  # (nkv, T, D)
+            qkv = be.linear(h, layer.wqkv, layer.bqkv)  # (T, (nq + 2 nkv) D)
+            q, k, v = be.qkv_heads(qkv, T, nq, nkv, D, rope)  # (nq | nkv, T, D), q and k post-RoPE
             cache.append(li, k, v)
             attn = cache.attend(li, q, positions)  # (nq, T, D)
-            o = attn.transpose(1, 0, 2).reshape(T, nq * D) @ layer.wo.T  # (T, H)
-            if layer.bo is not None:
-                o += layer.bo
-            x = x + o
-            h = ops.rms_norm(x, layer.post_norm, self.eps)
-            gu = h @ layer.wgu.T  # (T, 2F)
-            F = gu.shape[1] // 2
-            x = x + (ops.silu(gu[:, :F]) * gu[:, F:]) @ layer.wdown.T
+            o = be.linear(be.merge_heads(attn, T), layer.wo, layer.bo)  # (T, H)
+            h = be.add_rms_norm(x, o, layer.post_norm, self.eps)  # x += o
+            down = be.linear(be.swiglu(be.linear(h, layer.wgu)), layer.wdown)  # (T, H)
+            if li + 1 < len(self.layers):
+                h = be.add_rms_norm(x, down, self.layers[li + 1].input_norm, self.eps)  # x += down
+            else:
+                x = be.add(x, down)
         cache.advance(T)
         x = x if all_logits else x[-1:]
-        x = ops.rms_norm(x, self.norm, self.eps)
-        return x @ self.lm_head.T  # (T or 1, V)
+        x = be.rms_norm(x, self.norm, self.eps)
+        return be.linear(x, self.lm_head)  # (T or 1, V)
