@@ -156,9 +156,21 @@ def run_ops(cache, ops, rng):
                          rng.normal(size=(H, n, D)).astype(np.float32))
             cache.attend(layer, rng.normal(size=(H * 3, n, D)).astype(np.float32),
                          np.arange(cache.offset, cache.offset + n))
+            check_dense_released(cache, layer, n)
         cache.advance(n)
         check(cache, history)
     return history
+
+
+def check_dense_released(cache, layer, T):
+    """Once a layer attended a chunk of T > 1 tokens, the tokens that leave the window by the end of the
+    forward have left its dense pages: the budget holds one layer's chunk at a time, not every layer's.
+    (Decode steps, T = 1, leave at advance, every `batch` tokens.)"""
+    p = cache.policy
+    for h in range(H):
+        pos, tier = held(cache, layer, h)
+        limit = p.sinks + p.window + cache.batch - (T > 1)
+        assert (tier == DENSE).sum() <= limit, "a layer kept its chunk dense"
 
 
 @settings(max_examples=25, deadline=None)

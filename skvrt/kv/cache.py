@@ -163,6 +163,8 @@ class PagedKVCache:
         self._obs = []  # positions of the queries whose attention was added to `mass` (sorted)
         self._pending_obs = []  # this forward's observers, recorded by attend(layer 0), committed by advance
         self._lam = None  # the allocator's last Lagrange multiplier (its next search starts there)
+        self._departed = set()  # layers whose tokens leaving in this forward already took their tiers (_depart)
+        self._attended = -1  # the last layer that attended in the forward in progress (its mass includes it)
         self.allocator_seconds = 0.0  # time spent in rdr.assign + applying its plans (reported by bench)
         self.allocator_runs = 0
 
@@ -184,8 +186,8 @@ class PagedKVCache:
             raise ValueError(f"forward chunks must be <= {self.max_chunk} tokens under the {self.policy.name} policy")
         pool = self.pools[DENSE]
         P = pool.page_size
-        if layer == 0 and self.policy.allocator == "rdr":
-            self._make_room(T)
+        if self.policy.allocator == "rdr":
+            self._make_room(layer, T)
         positions = np.arange(self.offset, self.offset + T, dtype=np.int32)
         rdr_ = self.policy.allocator == "rdr"
         for h in range(H):
@@ -212,6 +214,7 @@ class PagedKVCache:
 
     def advance(self, n_tokens: int) -> None:
         self.offset += n_tokens
+        self._attended = -1
         if self._pending_obs:
             self._obs.extend(self._pending_obs)
             self._pending_obs = []
@@ -220,9 +223,12 @@ class PagedKVCache:
             return
         if p.allocator == "rdr":
             n_leave = self.offset - p.window - p.sinks - self.n_old
+            departed, self._departed = self._departed, set()
             if n_leave >= self.batch:
                 lo = p.sinks + self.n_old
-                self._rebalance(lo, lo + n_leave)
+                todo = [layer for layer in range(self.n_layers) if layer not in departed]
+                if todo:  # decode steps (prefill chunks left layer by layer in attend)
+                    self._rebalance(self._take_leaving(lo, lo + n_leave, todo))
                 self.n_old += n_leave
             return
         while self.offset - p.window - p.sinks - self.n_old >= self.batch:
@@ -242,7 +248,7 @@ class PagedKVCache:
         n = int(self.arena.fill[dense].sum()) if dense else 0
         if len(dense) <= -(-n // P):
             return
-        k, v, pos, mass = self._take_dense(layer, h, 0, self.offset + 1)
+        k, v, pos, mass = self._take_dense(layer, h, 0, self.n_ctx + 1)  # + a forward in progress
         for s in range(0, len(pos), P):
             pid = pool.alloc()
             self.table.push(layer, h, pid, DENSE)
@@ -309,52 +315,120 @@ class PagedKVCache:
 
     # ---- rdr: budgeted allocation ---------------------------------------------------------------------
 
-    def _dense_new_pages(self, extra_tokens: int) -> int:
-        """Pages the dense tier must allocate to take `extra_tokens` more per (layer, head): what does not fit the
-        free slots of its pages (append fills those first)."""
+    def _dense_new_pages(self, extra_tokens: int, layers) -> int:
+        """Pages the dense tier must allocate to take `extra_tokens` more per head of `layers`: what does not
+        fit the free slots of their pages (append fills those first)."""
+        layers = list(layers)
+        if not layers or extra_tokens <= 0:
+            return 0
         pool, t = self.pools[DENSE], self.table
         P = pool.page_size
-        L, H = self.n_layers, self.n_kv_heads
-        entry = (np.arange(t.max_pages)[None, :] < t.n_pages.reshape(-1, 1)) & (t.page_tiers.reshape(L * H, -1) == DENSE)
-        ids = np.where(entry, t.page_ids.reshape(L * H, -1), 0)
-        free = np.where(entry, P - self.arena.fill[ids], 0).sum(axis=1)  # (L*H,) free dense slots
+        tiers, n_pages = t.page_tiers[layers], t.n_pages[layers]  # (nl, H, max_pages), (nl, H)
+        entry = (np.arange(t.max_pages) < n_pages[..., None]) & (tiers == DENSE)
+        ids = np.where(entry, t.page_ids[layers], 0)
+        free = np.where(entry, P - self.arena.fill[ids], 0).sum(axis=-1)  # (nl, H) free dense slots
         return int(np.ceil(np.maximum(extra_tokens - free, 0) / P).sum())
 
-    def _make_room(self, T: int) -> None:
-        """Before a forward of T tokens: compress old tokens until the dense tier can take the chunk."""
-        if self.arena.n_free < self._dense_new_pages(T):
-            self._rebalance(None, None, reserve_extra=T)
+    def _make_room(self, layer: int, T: int) -> None:
+        """Before `layer` appends T tokens: compress old tokens until its dense pages can take them. (Layers
+        take their chunk one after another and release it in attend, so the budget reserves one layer's chunk,
+        not every layer's.)"""
+        if self.arena.n_free < self._dense_new_pages(T, [layer]):
+            self._rebalance({}, reserve_extra=T, reserve_layers=[layer])
 
-    def _old_capacity(self, extra_tokens: int) -> int:
-        """Frames the old tiers may use: the arena minus the dense tier's pages and what `extra_tokens` more need."""
-        return self.arena.n_frames - self.pools[DENSE].n_used - self._dense_new_pages(extra_tokens)
+    def _old_capacity(self, extra_tokens: int, layers) -> int:
+        """Frames the old tiers may use: the arena minus the dense tier's pages and what `extra_tokens` more per
+        head of `layers` need."""
+        return self.arena.n_frames - self.pools[DENSE].n_used - self._dense_new_pages(extra_tokens, layers)
 
-    def utilities(self, pos: np.ndarray, mass: np.ndarray) -> np.ndarray:
-        """Utility of tokens at positions pos (n,) with accumulated attention mass (n,)."""
+    def _take_leaving(self, lo: int, hi: int, layers) -> dict:
+        """Take positions [lo, hi) out of the dense pages of every head of `layers` (pages compacted) ->
+        {layer * H + head: (k, v, pos, mass)}."""
+        H = self.n_kv_heads
+        leaving = {}
+        for layer in layers:
+            for h in range(H):
+                leaving[layer * H + h] = self._take_dense(layer, h, lo, hi)
+                self._compact_dense(layer, h)
+        return leaving
+
+    def _depart(self, layer: int, T: int) -> None:
+        """After `layer` attended a prefill chunk of T tokens: its tokens that leave the window by the end of
+        this forward take their tiers now (the multiplier of the last search decides each token, no search),
+        so the next layer's chunk finds the room. When those pages do not fit the free frames, or no search
+        has run yet, a joint search (`_rebalance`) places them with everything else."""
+        p = self.policy
+        n_leave = self.offset + T - p.window - p.sinks - self.n_old
+        if n_leave < self.batch:
+            return
+        t0 = time.perf_counter()
+        lo = p.sinks + self.n_old
+        leaving = self._take_leaving(lo, lo + n_leave, [layer])
+        self._departed.add(layer)
+        nxt = [layer + 1] if layer + 1 < self.n_layers else []
+        if self._lam is None:
+            self._rebalance(leaving, reserve_extra=T, reserve_layers=nxt)
+            return
+        lh = np.concatenate([np.full(len(x[2]), i, np.int64) for i, x in leaving.items()])
+        pos = np.concatenate([x[2] for x in leaving.values()])
+        mass = np.concatenate([x[3] if x[3] is not None else np.zeros(len(x[2])) for x in leaving.values()])
+        cur = np.zeros(len(pos), np.int64)
+        util = rdr.pool_neighbours(lh, pos, self.utilities(pos, mass, lh // self.n_kv_heads))
+        sizes = np.array([q.page_size for q in self.pools[1:]])
+        choice = rdr.choose(lh, cur, util, self._distortion(), sizes, self.n_layers * self.n_kv_heads, self._lam,
+                            self.policy.drop_cost)
+        if self._new_pages(lh, choice) > self.arena.n_free - self._dense_new_pages(T, nxt):
+            self._rebalance(leaving, reserve_extra=T, reserve_layers=nxt)
+            return
+        self._apply(lh, cur, pos, mass, choice, {i: x[:3] for i, x in leaving.items()})
+        self.allocator_seconds += time.perf_counter() - t0
+
+    def _new_pages(self, lh: np.ndarray, tier: np.ndarray) -> int:
+        """Frames that writing tokens (lh, tier) (tiers 1..; drop = len(pools)) into the open pages of their
+        (layer, head, tier) and then new pages takes."""
+        need = 0
+        for key in np.unique(lh * 256 + tier):
+            i, t = divmod(int(key), 256)
+            if t >= len(self.pools):
+                continue
+            m = int(np.count_nonzero((lh == i) & (tier == t)))
+            P = self.pools[t].page_size
+            pid = self._open_page(*divmod(i, self.n_kv_heads), t)
+            room = P - int(self.arena.fill[pid]) if pid >= 0 else 0
+            need += -(-max(0, m - room) // P)
+        return need
+
+    def utilities(self, pos: np.ndarray, mass: np.ndarray, layer: np.ndarray | None = None) -> np.ndarray:
+        """Utility of tokens at positions pos (n,) of layers `layer` (n,) with accumulated attention mass (n,).
+        The forward in progress has observed the layers up to the last that attended, not the others."""
         if self.policy.utility == "mean":
             obs = np.asarray(self._obs, np.int64)
             n_obs = len(obs) - np.searchsorted(obs, pos, side="left")  # observing queries at or after pos
+            if self._pending_obs and self._attended >= 0:
+                pend = np.sort(np.asarray(self._pending_obs, np.int64))
+                seen = np.ones(len(pos), bool) if layer is None else layer <= self._attended
+                n_obs = n_obs + np.where(seen, len(pend) - np.searchsorted(pend, pos, side="left"), 0)
             return mass / np.maximum(n_obs, 1)
         return mass.astype(np.float64)
 
-    def _rebalance(self, lo: int | None, hi: int | None, reserve_extra: int = 1) -> None:
-        """Assign every token outside sinks + window -- the ones leaving now ([lo, hi)) and the ones already
-        in old tiers -- a tier or drop (rdr.assign), then apply: demote / drop, merge partly filled pages, and
-        write the leaving tokens into their tiers. Never needs more frames than the arena has."""
+    def _rebalance(self, leaving: dict, reserve_extra: int = 1, reserve_layers=None) -> None:
+        """Assign every token outside sinks + window -- the ones leaving now (`leaving`, taken out of the dense
+        tier by _take_leaving) and the ones already in old tiers -- a tier or drop (rdr.assign), then apply:
+        demote / drop, merge partly filled pages, and write the leaving tokens into their tiers; afterwards the
+        dense pages of `reserve_layers` (default: every layer) can take `reserve_extra` more tokens per head.
+        Never needs more frames than the arena has."""
         t0 = time.perf_counter()
         L, H = self.n_layers, self.n_kv_heads
+        reserve_layers = range(L) if reserve_layers is None else reserve_layers
         # candidates: leaving tokens (current tier 0), in (layer, head) order, then stored old tokens
-        leaving = {}
         cand_lh, cand_cur, cand_pos, cand_mass = [], [], [], []
-        if lo is not None:
-            for lh in range(L * H):
-                k, v, pos, mass = self._take_dense(*divmod(lh, H), lo, hi)
-                self._compact_dense(*divmod(lh, H))
-                leaving[lh] = (k, v, pos)
-                cand_lh.append(np.full(len(pos), lh))
-                cand_cur.append(np.zeros(len(pos), np.int64))
-                cand_pos.append(pos)
-                cand_mass.append(mass if mass is not None else np.zeros(len(pos)))
+        for lh in sorted(leaving):
+            k, v, pos, mass = leaving[lh]
+            cand_lh.append(np.full(len(pos), lh))
+            cand_cur.append(np.zeros(len(pos), np.int64))
+            cand_pos.append(pos)
+            cand_mass.append(mass if mass is not None else np.zeros(len(pos)))
+        leaving = {lh: x[:3] for lh, x in leaving.items()}
         t = self.table
         entry = np.arange(t.max_pages)[None, :] < t.n_pages.reshape(-1, 1)  # (L*H, max_pages) valid entries
         e_lh, e_i = np.nonzero(entry & (t.page_tiers.reshape(L * H, -1) > 0))
@@ -373,16 +447,16 @@ class PagedKVCache:
         cur = np.concatenate(cand_cur).astype(np.int64)
         pos = np.concatenate(cand_pos)
         mass = np.concatenate(cand_mass)
-        util = rdr.pool_neighbours(lh_all, pos, self.utilities(pos, mass))
+        util = rdr.pool_neighbours(lh_all, pos, self.utilities(pos, mass, lh_all // H))
         dist = self._distortion()  # (L*H, n_old_tiers)
         sizes = np.array([p.page_size for p in self.pools[1:]])
-        capacity = self._old_capacity(reserve_extra)
+        capacity = self._old_capacity(reserve_extra, reserve_layers)
         choice, self._lam = rdr.assign(lh_all, cur, util, dist, sizes, capacity, L * H, hint=self._lam,
                                        drop_cost=self.policy.drop_cost)
         self._apply(lh_all, cur, pos, mass, choice, leaving)
         self.allocator_seconds += time.perf_counter() - t0
         self.allocator_runs += 1
-        if self.arena.n_free < self._dense_new_pages(reserve_extra):
+        if self.arena.n_free < self._dense_new_pages(reserve_extra, reserve_layers):
             raise ContextOverflowError("KV budget allocator could not make room (internal error)")
 
     def _distortion(self) -> np.ndarray:
@@ -435,9 +509,7 @@ class PagedKVCache:
         start = 0
         order_lh = lh_all[cur == 0]
         ch0, m0 = choice[cur == 0], mass[cur == 0]
-        for lh in range(L * H):
-            if lh not in leaving:
-                continue
+        for lh in sorted(leaving):
             k, v, p = leaving[lh]
             n = len(p)
             c, m = ch0[start : start + n], m0[start : start + n]
@@ -552,6 +624,7 @@ class PagedKVCache:
         n_obs = min(T, self.policy.obs) if observe else 0
         if layer == 0 and n_obs:
             self._pending_obs.extend(int(x) for x in q_positions[T - n_obs :])
+        self._attended = layer
         if T == 1 and self.use_c and self._c_decode:
             out = np.empty((nq, D), dtype=np.float32)
             qc = np.ascontiguousarray(q[:, 0], dtype=np.float32)
@@ -576,6 +649,8 @@ class PagedKVCache:
             out[h * G : (h + 1) * G] = softmax_attend(scores, values, kpos, q_positions)
             if n_obs:
                 self._add_mass(scores[:, T - n_obs :], kpos, q_positions[T - n_obs :], where)
+        if self.policy.allocator == "rdr" and T > 1:
+            self._depart(layer, T)
         return out
 
     def _add_mass(self, scores: np.ndarray, kpos: np.ndarray, qpos: np.ndarray, where) -> None:
@@ -635,6 +710,8 @@ class PagedKVCache:
 
         truncate(offset) removes what an interrupted forward pass appended without committing."""
         self._pending_obs = []
+        self._departed = set()
+        self._attended = -1
         if n_tokens > self.offset:
             return
         for layer in range(self.n_layers):

@@ -45,6 +45,26 @@ def frames_needed(lh: np.ndarray, tier: np.ndarray, sizes: np.ndarray, n_lh: int
     return int(np.ceil(counts / sizes[None, :]).sum())
 
 
+def _costs(lh, cur, util, dist, sizes, n_lh: int, drop_cost: float) -> tuple[np.ndarray, np.ndarray]:
+    """-> cost (n, T + 1) utility x distortion of each tier and drop (inf where it would promote), rate (T + 1,)
+    pages per token."""
+    T = len(sizes)
+    d = np.concatenate([np.asarray(dist, np.float64), np.full((n_lh, 1), drop_cost)], axis=1)  # (n_lh, T + 1)
+    cost = util.astype(np.float64)[:, None] * d[lh]  # (n, T + 1)
+    cost[np.arange(T + 1)[None, :] < np.maximum(cur, 1)[:, None] - 1] = np.inf  # demotions only
+    return cost, np.append(1.0 / np.asarray(sizes, np.float64), 0.0)
+
+
+def choose(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, sizes: np.ndarray, n_lh: int,
+           lam: float, drop_cost: float = 1.0) -> np.ndarray:
+    """Each token's tier at a given multiplier (no search): the rule `assign` applies once it found lam. Used
+    for tokens that leave the window between two searches (their pages are checked by the caller)."""
+    if len(lh) == 0:
+        return np.zeros(0, np.int64)
+    cost, rate = _costs(lh, cur, util, dist, sizes, n_lh, drop_cost)
+    return np.argmin(cost + lam * rate, axis=1) + 1
+
+
 def assign(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, sizes: np.ndarray,
            capacity: int, n_lh: int, hint: float | None = None, rel_tol: float = 1e-3,
            drop_cost: float = 1.0) -> tuple[np.ndarray, float]:
@@ -56,13 +76,10 @@ def assign(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, 
     attention does not predict). -> (tier (n,) in 1..T + 1 (T + 1 = drop), never richer than cur;
     the multiplier used). The smallest multiplier that fits, to rel_tol. Deterministic (ties go to the
     richer tier)."""
-    n, T = len(lh), len(sizes)
+    n = len(lh)
     if n == 0:
         return np.zeros(0, np.int64), 0.0
-    d = np.concatenate([np.asarray(dist, np.float64), np.full((n_lh, 1), drop_cost)], axis=1)  # (n_lh, T + 1)
-    cost = util.astype(np.float64)[:, None] * d[lh]  # (n, T + 1) utility x distortion
-    cost[np.arange(T + 1)[None, :] < np.maximum(cur, 1)[:, None] - 1] = np.inf  # demotions only
-    rate = np.append(1.0 / np.asarray(sizes, np.float64), 0.0)  # (T + 1,) pages per token
+    cost, rate = _costs(lh, cur, util, dist, sizes, n_lh, drop_cost)
 
     def choose(lam: float) -> np.ndarray:
         return np.argmin(cost + lam * rate, axis=1) + 1
