@@ -164,6 +164,7 @@ class PagedKVCache:
         self._pending_obs = []  # this forward's observers, recorded by attend(layer 0), committed by advance
         self._lam = None  # the allocator's last Lagrange multiplier (its next search starts there)
         self._departed = set()  # layers whose tokens leaving in this forward already took their tiers (_depart)
+        self._depart_frames = 0  # old-tier frames the last layer's departure took (sizes later layers' room)
         self._attended = -1  # the last layer that attended in the forward in progress (its mass includes it)
         self.allocator_seconds = 0.0  # time spent in rdr.assign + applying its plans (reported by bench)
         self.allocator_runs = 0
@@ -330,11 +331,16 @@ class PagedKVCache:
         return int(np.ceil(np.maximum(extra_tokens - free, 0) / P).sum())
 
     def _make_room(self, layer: int, T: int) -> None:
-        """Before `layer` appends T tokens: compress old tokens until its dense pages can take them. (Layers
-        take their chunk one after another and release it in attend, so the budget reserves one layer's chunk,
-        not every layer's.)"""
-        if self.arena.n_free < self._dense_new_pages(T, [layer]):
-            self._rebalance({}, reserve_extra=T, reserve_layers=[layer])
+        """Before `layer` appends T tokens: compress old tokens until its dense pages can take them. A prefill
+        chunk (T > 1) leaves each layer's dense pages once the layer attended (_depart), so the budget reserves
+        one layer's chunk, not every layer's; a decode step's token stays until `batch` tokens leave together,
+        so layer 0 makes room for every layer's (one search per step at most, not one per layer)."""
+        if T > 1:
+            if self.arena.n_free < self._dense_new_pages(T, [layer]):
+                rest = self.n_layers - layer - 1
+                self._rebalance({}, reserve_extra=T, reserve_layers=[layer], reserve_frames=self._depart_frames * rest)
+        elif layer == 0 and self.arena.n_free < self._dense_new_pages(T, range(self.n_layers)):
+            self._rebalance({}, reserve_extra=T)
 
     def _old_capacity(self, extra_tokens: int, layers) -> int:
         """Frames the old tiers may use: the arena minus the dense tier's pages and what `extra_tokens` more per
@@ -366,8 +372,9 @@ class PagedKVCache:
         leaving = self._take_leaving(lo, lo + n_leave, [layer])
         self._departed.add(layer)
         nxt = [layer + 1] if layer + 1 < self.n_layers else []
+        rest = self.n_layers - layer - 1
         if self._lam is None:
-            self._rebalance(leaving, reserve_extra=T, reserve_layers=nxt)
+            self._rebalance(leaving, reserve_extra=T, reserve_layers=nxt, reserve_frames=self._depart_frames * rest)
             return
         lh = np.concatenate([np.full(len(x[2]), i, np.int64) for i, x in leaving.items()])
         pos = np.concatenate([x[2] for x in leaving.values()])
@@ -377,8 +384,12 @@ class PagedKVCache:
         sizes = np.array([q.page_size for q in self.pools[1:]])
         choice = rdr.choose(lh, cur, util, self._distortion(), sizes, self.n_layers * self.n_kv_heads, self._lam,
                             self.policy.drop_cost)
-        if self._new_pages(lh, choice) > self.arena.n_free - self._dense_new_pages(T, nxt):
-            self._rebalance(leaving, reserve_extra=T, reserve_layers=nxt)
+        need = self._new_pages(lh, choice)
+        self._depart_frames = need
+        if need > self.arena.n_free - self._dense_new_pages(T, nxt):
+            # one joint search per forward, not one per layer: it also makes room for what the remaining layers'
+            # departures will add to the old tiers (estimated as this layer's)
+            self._rebalance(leaving, reserve_extra=T, reserve_layers=nxt, reserve_frames=need * rest)
             return
         self._apply(lh, cur, pos, mass, choice, {i: x[:3] for i, x in leaving.items()})
         self.allocator_seconds += time.perf_counter() - t0
@@ -411,11 +422,12 @@ class PagedKVCache:
             return mass / np.maximum(n_obs, 1)
         return mass.astype(np.float64)
 
-    def _rebalance(self, leaving: dict, reserve_extra: int = 1, reserve_layers=None) -> None:
+    def _rebalance(self, leaving: dict, reserve_extra: int = 1, reserve_layers=None, reserve_frames: int = 0) -> None:
         """Assign every token outside sinks + window -- the ones leaving now (`leaving`, taken out of the dense
         tier by _take_leaving) and the ones already in old tiers -- a tier or drop (rdr.assign), then apply:
         demote / drop, merge partly filled pages, and write the leaving tokens into their tiers; afterwards the
-        dense pages of `reserve_layers` (default: every layer) can take `reserve_extra` more tokens per head.
+        dense pages of `reserve_layers` (default: every layer) can take `reserve_extra` more tokens per head, and
+        `reserve_frames` more frames are free when the search can leave them (a target, not a guarantee).
         Never needs more frames than the arena has."""
         t0 = time.perf_counter()
         L, H = self.n_layers, self.n_kv_heads
@@ -451,6 +463,7 @@ class PagedKVCache:
         dist = self._distortion()  # (L*H, n_old_tiers)
         sizes = np.array([p.page_size for p in self.pools[1:]])
         capacity = self._old_capacity(reserve_extra, reserve_layers)
+        capacity = max(capacity - reserve_frames, min(capacity, 0))  # reserve_frames: as far as dropping can
         choice, self._lam = rdr.assign(lh_all, cur, util, dist, sizes, capacity, L * H, hint=self._lam,
                                        drop_cost=self.policy.drop_cost)
         self._apply(lh_all, cur, pos, mass, choice, leaving)
