@@ -229,7 +229,10 @@ class PagedKVCache:
                 lo = p.sinks + self.n_old
                 todo = [layer for layer in range(self.n_layers) if layer not in departed]
                 if todo:  # decode steps (prefill chunks left layer by layer in attend)
-                    self._rebalance(self._take_leaving(lo, lo + n_leave, todo))
+                    t0 = time.perf_counter()
+                    leaving = self._take_leaving(lo, lo + n_leave, todo)
+                    self.allocator_seconds += time.perf_counter() - t0
+                    self._rebalance(leaving)
                 self.n_old += n_leave
             return
         while self.offset - p.window - p.sinks - self.n_old >= self.batch:
@@ -373,6 +376,8 @@ class PagedKVCache:
         self._departed.add(layer)
         nxt = [layer + 1] if layer + 1 < self.n_layers else []
         rest = self.n_layers - layer - 1
+        self.allocator_seconds += time.perf_counter() - t0  # the take; the rest is timed below or by _rebalance
+        t0 = time.perf_counter()
         if self._lam is None:
             self._rebalance(leaving, reserve_extra=T, reserve_layers=nxt, reserve_frames=self._depart_frames * rest)
             return
@@ -389,6 +394,7 @@ class PagedKVCache:
         if need > self.arena.n_free - self._dense_new_pages(T, nxt):
             # one joint search per forward, not one per layer: it also makes room for what the remaining layers'
             # departures will add to the old tiers (estimated as this layer's)
+            self.allocator_seconds += time.perf_counter() - t0
             self._rebalance(leaving, reserve_extra=T, reserve_layers=nxt, reserve_frames=need * rest)
             return
         self._apply(lh, cur, pos, mass, choice, {i: x[:3] for i, x in leaving.items()})
