@@ -55,6 +55,15 @@ def test_window_policy_drops_like_the_cpu(module):
     e2e.compare(cpu, gpu, "float32")
 
 
+def ada_cache_and_model(model, module, dev: bool, gpu_model=None):
+    """An ada cache (n_ctx 80, pages of 16) and the model to run with it: the CPU pair, or the device cache on the
+    emulator with the model moved to CudaOps (float32 weights)."""
+    c = make_cache(model.args, 80, "ada", page_size=16, **ADA)
+    if not dev:
+        return c, model
+    return DeviceKVCache(c, module, np), gpu_model or model.on(CudaOps(module, np, "float32"))
+
+
 def test_ada_moves_tokens_into_ada_pages_on_the_device(module):
     """After the run, the device cache holds ADA pages (written by the encode kernel) for every (layer, head), with
     the same page table as the CPU cache: the host bookkeeping is PagedKVCache's own."""
@@ -62,10 +71,7 @@ def test_ada_moves_tokens_into_ada_pages_on_the_device(module):
     ids = np.random.default_rng(3).integers(0, 97, 70)
     caches = []
     for dev in (False, True):
-        c = make_cache(model.args, 80, "ada", page_size=16, **ADA)
-        m = model
-        if dev:
-            c, m = DeviceKVCache(c, module, np), model.on(CudaOps(module, np, "float32"))
+        c, m = ada_cache_and_model(model, module, dev)
         for s in range(0, 50, 19):
             m.forward(ids[s : min(s + 19, 50)], c)
         for t in ids[50:]:
@@ -100,10 +106,7 @@ def test_truncate_then_continue_matches_cpu(module):
     ids = np.random.default_rng(4).integers(0, 97, 64)
     outs = []
     for dev in (False, True):
-        c = make_cache(model.args, 80, "ada", page_size=16, **ADA)
-        m = model
-        if dev:
-            c, m = DeviceKVCache(c, module, np), gpu_model
+        c, m = ada_cache_and_model(model, module, dev, gpu_model)
         m.forward(ids[:40], c)
         for t in ids[40:55]:
             m.forward(np.array([t]), c)
