@@ -41,7 +41,7 @@ KvDtypeOpt = typer.Option("float16", "--kv-dtype", help="Dense KV tier storage: 
 KvPolicyOpt = typer.Option("full", "--kv-policy", help="KV cache policy: full, window (sinks + recent), ada (angle-domain key codes; --kv-tier), quant (int K/V for old tokens), snapkv / h2o (eviction under --kv-budget), spherical (ADA + RDR under --kv-budget).")
 KvTierOpt = typer.Option(None, "--kv-tier", help="ADA tier: key bits per token per KV head (e.g. 128, 192, 256).")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda (default: $SKVRT_DEVICE, else auto). cuda fails with the reason when CuPy, a GPU or NVRTC is missing; it never falls back to the CPU.")
-KvOptOpt = typer.Option([], "--kv-opt", help="Policy option key=value (repeatable): sinks, window, k_bits, v_bits, v_group, ladder (spherical, e.g. 256:4,128:4,64:2).")
+KvOptOpt = typer.Option([], "--kv-opt", help="Policy option key=value (repeatable): sinks, window, k_bits, v_bits, v_group, ladder (spherical, e.g. 256:4,192:2,128:2), drop_cost, util_floor.")
 
 
 def sampling(temp, top_p, top_k, min_p, repeat_penalty, seed) -> dict:
@@ -227,7 +227,7 @@ def calibrate(
     msg = (f"skvrt: wrote {path} ({m['tokens']} tokens, {m['seconds']} s): pair statistics from the first "
            f"{m['tokens'] - n_held} tokens")
     if ladder:
-        msg += (f"; distortion d of the ADA ladder per (layer, kv head) on the last {n_held} (held back; 0 = dense, "
+        msg += (f"; distortion d of the ADA tiers any ladder is built from, per (layer, kv head), on the last {n_held} (held back; 0 = dense, "
                 f"1 = as if dropped), mean " + ", ".join(f"{r['tier']} {r['d']:.3g}" for r in ladder))
     print(msg, file=sys.stderr)
     if not show_report:

@@ -11,7 +11,8 @@ Statistics (post-RoPE):
 ADA tiers spread their key bits over pairs by weight_i = sum over the pair's two channels of q_sq * k_range_sq
 (skvrt.kv.ada.allocate_bits), so any tier size can be built from the sidecar.
 
-Ladder distortion ladder_distortion (L, H, n_tiers): tier (key_bits, v_bits) of the ladder is
+Tier distortion ladder_distortion (L, H, n_tiers), measured for every tier of MEASURED_TIERS (a menu: any
+ladder built from these tiers gets measured distortions, `Calibration.distortion`): tier (key_bits, v_bits) is
 AdaTier(allocate_bits(pair_weight, key_bits), v_bits, v_group). Per (layer, kv head), the held-back tokens'
 keys and values are encoded page-locally (pages of LADDER_PAGE tokens, as the cache does) and the pages cut
 into spans of up to SPAN_PAGES pages; within a span every token's query heads (the G of the kv head's group)
@@ -45,7 +46,9 @@ from .safetensors_io import read_safetensors, read_safetensors_header, write_saf
 
 FORMAT = 1
 HELD_BACK = 0.25  # fraction of the calibration tokens held back from the statistics, for the ladder
-DEFAULT_LADDER = ((256, 4), (128, 4), (64, 2))  # ADA tiers (key bits per token per head, value bits)
+DEFAULT_LADDER = ((256, 4), (192, 2), (128, 2))  # the spherical policy's ADA tiers (key bits per token per head,
+# value bits), richest first; skvrt.kv.DEFAULT_LADDER is this one
+MEASURED_TIERS = ((256, 4), (256, 2), (192, 4), (192, 2), (128, 4), (128, 2), (96, 2), (64, 2))  # the menu
 LADDER_V_GROUP = 64  # value group of the ladder's tiers (the gcd with head_dim when it does not divide it)
 LADDER_PAGE = 64  # tokens per page in the distortion measurement
 SPAN_PAGES = 4  # pages per span of causal attention in the distortion measurement
@@ -68,7 +71,7 @@ class Calibration:
     q_sq: np.ndarray  # (L, H, D)
     k_range_sq: np.ndarray  # (L, H, D)
     meta: dict
-    ladder_distortion: np.ndarray | None = None  # (L, H, n_tiers) d of the tiers of meta["ladder"]
+    ladder_distortion: np.ndarray | None = None  # (L, H, n_tiers) d of the tiers of meta["ladder"] (the menu)
 
     @property
     def pair_weight(self) -> np.ndarray:
@@ -79,11 +82,15 @@ class Calibration:
 
     def distortion(self, ladder, v_group: int = LADDER_V_GROUP, page_size: int = LADDER_PAGE) -> np.ndarray | None:
         """(L, H, len(ladder)) distortion d of each tier of `ladder` ((key_bits, v_bits), ...), or None when
-        the sidecar measured no ladder or another one (tiers, value group or page size)."""
-        stored = (self.meta.get("ladder"), self.meta.get("ladder_v_group"), self.meta.get("ladder_page"))
-        if self.ladder_distortion is None or stored != (_ladder_spec(ladder), v_group, page_size):
+        the sidecar did not measure every one of them (with this value group and page size)."""
+        stored = (self.meta.get("ladder_v_group"), self.meta.get("ladder_page"))
+        if self.ladder_distortion is None or stored != (v_group, page_size):
             return None
-        return self.ladder_distortion
+        column = {tuple(t): i for i, t in enumerate(self.meta.get("ladder", []))}
+        want = [tuple(t) for t in _ladder_spec(ladder)]
+        if not want or any(t not in column for t in want):
+            return None
+        return self.ladder_distortion[..., [column[t] for t in want]]
 
     def save(self, folder: Path) -> Path:
         tensors = {"q_sq": self.q_sq, "k_range_sq": self.k_range_sq}
@@ -193,19 +200,23 @@ def ladder_distortion(held, tiers, page_size: int = LADDER_PAGE, span_pages: int
             k = k_l[h, : n * page_size].reshape(n, page_size, D)
             v = v_l[h, : n * page_size].reshape(n, page_size, D)
             q = q_l[h * G : (h + 1) * G, : n * page_size]  # (G, n P, D)
+            logit_of = {}  # key bit allocation -> logit term: tiers differing only in value bits share it
             for i, tier in enumerate(tiers):
                 data = tier.alloc(n, page_size, D)
                 for p in range(n):
                     tier.write_page(data, p, k[p], v[p], (layer, h))
-                out[layer, h, i] = _distortion_terms(tier, data, q, k, v, (layer, h), span_pages)
+                key = tier.pair_bits[layer, h].tobytes()
+                out[layer, h, i] = _distortion_terms(tier, data, q, k, v, (layer, h), span_pages, logit_of.get(key))
+                logit_of[key] = out[layer, h, i, 0]
         if progress:
             progress(layer + 1, L)
     return out
 
 
-def _distortion_terms(tier, data, q, k, v, lh, span_pages: int) -> tuple[float, float]:
+def _distortion_terms(tier, data, q, k, v, lh, span_pages: int, logit: float | None = None) -> tuple[float, float]:
     """Pages 0 .. n-1 of `data` hold k, v (n, P, D) encoded; q (G, n P, D) the same tokens' queries.
-    -> (E[(s_hat - s)^2] over causal pairs, E||v_hat - v||^2 / E||v - o||^2) over spans of span_pages pages."""
+    -> (E[(s_hat - s)^2] over causal pairs, E||v_hat - v||^2 / E||v - o||^2) over spans of span_pages pages;
+    `logit`: the first term when it is already known (same key codes), then only the exact logits are computed."""
     G, _, D = q.shape
     n, P, _ = k.shape
     scale = D**-0.5
@@ -218,13 +229,14 @@ def _distortion_terms(tier, data, q, k, v, lh, span_pages: int) -> tuple[float, 
         qs = q[:, p0 * P : (p0 + len(pids)) * P]  # (G, S, D)
         causal = np.tril(np.ones((len(ks), len(ks)), bool))  # [query t, key j]: j <= t
         s = np.einsum("gtd,jd->gtj", qs, ks).astype(np.float64) * scale  # (G, S, S)
-        s_hat = tier.scores(data, pids, qs, lh, scale).reshape(s.shape)
         o = _softmax(np.where(causal, s, -np.inf)) @ vs  # (G, S, D)
         v_o = np.sum(vs**2, -1) + np.sum(o**2, -1)[..., None] - 2 * o @ vs.T  # (G, S, S) ||v_j - o_t||^2
-        logit_sq += np.sum(np.square(s_hat - s), where=causal)
+        if logit is None:
+            s_hat = tier.scores(data, pids, qs, lh, scale).reshape(s.shape)
+            logit_sq += np.sum(np.square(s_hat - s), where=causal)
         drop_sq += np.sum(v_o, where=causal)
         pairs += G * int(causal.sum())
-    return logit_sq / pairs, v_err / (drop_sq / pairs)
+    return (logit_sq / pairs if logit is None else logit), v_err / (drop_sq / pairs)
 
 
 def report(cal: "Calibration", held, tiers=(64, 96, 128, 160, 192, 256), v_bits=(8, 4), page_size: int = 64,
@@ -277,10 +289,10 @@ def _softmax(s):
     return e / e.sum(-1, keepdims=True)
 
 
-def calibrate(llm, text: str | None = None, source: str = "self-generated", ladder=DEFAULT_LADDER,
+def calibrate(llm, text: str | None = None, source: str = "self-generated", ladder=MEASURED_TIERS,
               return_held: bool = False):
-    """Statistics from the first 1 - HELD_BACK of the text's tokens, the ladder's distortion on the rest
-    (skipped when a tier does not fit the head_dim). -> Calibration, or (Calibration, held-back q/k/v per
+    """Statistics from the first 1 - HELD_BACK of the text's tokens, the distortion of the tiers of `ladder` (the
+    menu) on the rest (tiers whose key bits do not fit the head_dim are left out). -> Calibration, or (Calibration, held-back q/k/v per
     layer) with return_held (for `report`)."""
     from rich.progress import Progress
 
@@ -289,8 +301,7 @@ def calibrate(llm, text: str | None = None, source: str = "self-generated", ladd
     t0 = time.perf_counter()
     D = llm.model.args.head_dim
     v_group = math.gcd(LADDER_V_GROUP, D)
-    if ladder and max(key_bits for key_bits, _ in ladder) > MAX_PAIR_BITS * D // 2:
-        ladder = None
+    ladder = [(kb, vb) for kb, vb in (ladder or ()) if kb <= MAX_PAIR_BITS * D // 2]
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
         if text is None:
             bar.add_task("calibrate: generating calibration text", total=None)

@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from skvrt.calibrate import (DEFAULT_LADDER, SIDECAR, Calibration, calibrate, collect_stats, ladder_distortion,
+from skvrt.calibrate import (DEFAULT_LADDER, MEASURED_TIERS, SIDECAR, Calibration, calibrate, collect_stats, ladder_distortion,
                              ladder_tiers, load_calibration, report)
 from skvrt.errors import ModelLoadError
 from skvrt.kv import make_cache
@@ -68,15 +68,19 @@ def test_sidecar_ladder_roundtrip_old_sidecar_and_mismatch(tmp_path):
     d = rng.random((3, 2, 3)).astype(np.float32)
     Calibration(q, k, meta, d).save(tmp_path)
     back = load_calibration(tmp_path)
-    np.testing.assert_array_equal(back.distortion(DEFAULT_LADDER), d)
+    menu = ((256, 4), (128, 4), (64, 2))
+    np.testing.assert_array_equal(back.distortion(menu), d)
     np.testing.assert_array_equal(back.distortion([(256, 4), (128, 4), (64, 2)], v_group=64, page_size=64), d)
-    assert back.distortion(DEFAULT_LADDER[:2]) is None  # another ladder
-    assert back.distortion(((256, 4), (128, 4), (64, 4))) is None
-    assert back.distortion(DEFAULT_LADDER, v_group=32) is None
-    assert back.distortion(DEFAULT_LADDER, page_size=32) is None
+    # any ladder made of measured tiers gets their columns, in its own order
+    np.testing.assert_array_equal(back.distortion(((256, 4), (64, 2))), d[..., [0, 2]])
+    np.testing.assert_array_equal(back.distortion(((64, 2), (128, 4))), d[..., [2, 1]])
+    assert back.distortion(((256, 4), (128, 4), (64, 4))) is None  # a tier it did not measure
+    assert back.distortion(()) is None
+    assert back.distortion(menu, v_group=32) is None
+    assert back.distortion(menu, page_size=32) is None
     Calibration(q, k, {"format": 1}).save(tmp_path)  # a sidecar from before the ladder
     old = load_calibration(tmp_path)
-    assert old.ladder_distortion is None and old.distortion(DEFAULT_LADDER) is None
+    assert old.ladder_distortion is None and old.distortion(menu) is None
     Calibration(q, k, meta, d[..., :2]).save(tmp_path)  # tensor and metadata disagree
     with pytest.raises(ModelLoadError):
         load_calibration(tmp_path)
@@ -121,9 +125,10 @@ def test_ladder_distortion_matches_slow_twin():
     rng = np.random.default_rng(4)
     held = _synthetic_held(rng)  # 29 tokens: 3 whole pages of 8, in spans of 2 pages and 1
     cal = Calibration(rng.random((2, 2, 16)).astype(np.float32), rng.random((2, 2, 16)).astype(np.float32), {})
-    tiers = ladder_tiers(cal, ((32, 4), (16, 2)), v_group=8)
+    # (32, 2) and (16, 4) share key codes with (32, 4) and (16, 2): their logit term is computed once
+    tiers = ladder_tiers(cal, ((32, 4), (16, 2), (32, 2), (16, 4)), v_group=8)
     terms = ladder_distortion(held, tiers, page_size=8, span_pages=2)  # (L, H, n_tiers, 2)
-    assert terms.shape == (2, 2, 2, 2)
+    assert terms.shape == (2, 2, 4, 2)
     for layer, (q, k, v) in enumerate(held):
         for h in range(2):
             for i, tier in enumerate(tiers):
@@ -161,8 +166,11 @@ def test_calibrate_stores_the_ladder(tiny, tmp_path):
     assert d.shape == (3, 2, 2) and (d[..., 0] < d[..., 1]).mean() > 0.8
     np.testing.assert_allclose(d.mean(axis=(0, 1)), [r["d"] for r in back.meta["ladder_mean"]], rtol=1e-5)
     assert back.distortion(ladder) is None and back.distortion(DEFAULT_LADDER) is None
-    # the default ladder's 256 key bits do not fit 8 pairs of 12 bits: statistics only
-    assert calibrate(llm, text, "test").ladder_distortion is None
+    # by default the menu of MEASURED_TIERS, less the tiers whose key bits do not fit 8 pairs of 12 bits
+    cal = calibrate(llm, text, "test")
+    fit = [[kb, vb] for kb, vb in MEASURED_TIERS if kb <= 96]
+    assert cal.meta["ladder"] == fit and cal.ladder_distortion.shape == (3, 2, len(fit))
+    assert cal.distortion(DEFAULT_LADDER, v_group=16) is None  # 256 key bits: not measured
 
 
 def test_report_more_bits_less_distortion(tiny):

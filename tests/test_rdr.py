@@ -4,6 +4,7 @@ pages tier-homogeneous, dropped tokens never read, pinned tokens never demoted, 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -67,6 +68,35 @@ def test_assign_prefers_high_utility_and_spends_the_budget():
     assert sorted(np.nonzero(got == 1)[0]) == [0, 2, 4, 6]
 
 
+def test_assign_keep_if_fits_drops_nothing_while_the_cheapest_tier_holds_everyone():
+    n_lh, sizes = 1, np.array([2, 4])  # tier 1: 2 tokens per page, tier 2: 4
+    util = np.array([5.0, 0.0, 0.0, 0.0, 4.0, 0.0, 0.0, 0.0])  # most tokens were never looked at
+    lh, cur = np.zeros(8, np.int64), np.zeros(8, np.int64)
+    dist = np.array([[0.1, 0.5]])
+    plain, _ = rdr.assign(lh, cur, util, dist, sizes, 2, n_lh)  # (its multiplier tends to 0: the search ends)
+    assert (plain == 3).sum() >= 4  # zero-utility tokens cost nothing to drop
+    kept, _ = rdr.assign(lh, cur, util, dist, sizes, 2, n_lh, keep_if_fits=True)
+    assert (kept == 2).all()  # 8 tokens in 2 pages of the cheapest tier: nothing dropped
+    richer, _ = rdr.assign(lh, cur, util, dist, sizes, 3, n_lh, keep_if_fits=True)
+    assert (richer <= 2).all() and set(np.nonzero(richer == 1)[0]) == {0, 4}  # the spare page: the useful pair
+    # when even the cheapest tier cannot hold everyone, tokens are dropped as without the rule
+    tight, _ = rdr.assign(lh, cur, util, dist, sizes, 1, n_lh, keep_if_fits=True)
+    tight_plain, _ = rdr.assign(lh, cur, util, dist, sizes, 1, n_lh)
+    assert (tight == tight_plain).all() and (tight == 3).sum() == 6  # one page of the richest tier: the pair
+
+
+def test_util_floor_adds_a_uniform_share():
+    pol = make("spherical", 0.25).policy
+    caches = [PagedKVCache(L, H, D, n_ctx=600, kv_dtype="float32", page_size=16,
+                           policy=dataclasses.replace(pol, util_floor=f)) for f in (0.0, 0.5)]
+    pos, mass = np.array([10, 150]), np.array([0.0, 3.0])
+    for c in caches:
+        c.offset, c._obs = 200, list(range(100, 200))
+    base = caches[0].utilities(pos, mass)
+    np.testing.assert_allclose(base, [0.0, 3.0 / 50])  # mass per observing query (queries at or after pos)
+    np.testing.assert_allclose(caches[1].utilities(pos, mass), base + 0.5 / 200)
+
+
 def test_pool_neighbours_is_a_max_filter_per_head():
     lh = np.array([0, 0, 0, 0, 0, 1, 1])
     pos = np.array([4, 0, 1, 2, 3, 0, 9])
@@ -93,10 +123,10 @@ def random_keys(rng, n):
     return np.concatenate([rad * np.cos(ang), rad * np.sin(ang)], axis=1).astype(np.float32)
 
 
-def make(policy, budget, n_ctx=600, window=8, sinks=2, use_c=True, seed=0):
+def make(policy, budget, n_ctx=600, window=8, sinks=2, use_c=True, seed=0, **opts):
     rng = np.random.default_rng(seed)
     pol = make_policy(policy, sinks=sinks, window=window, budget=budget, calibration=calibration(rng),
-                      ladder="192:4,96:4,48:2", kv_dtype="float32")
+                      ladder="192:4,96:4,48:2", kv_dtype="float32", **opts)
     cache = PagedKVCache(L, H, D, n_ctx=n_ctx, kv_dtype="float32", page_size=16, policy=pol)
     cache.use_c = use_c and cache.use_c
     return cache
@@ -184,7 +214,9 @@ def test_budgeted_policies_keep_their_invariants(policy, ops, budget, seed):
 
 
 def test_long_decode_holds_the_budget_and_uses_every_tier():
-    cache = make("spherical", 0.04, n_ctx=2000)  # ~ 13 % of the tokens this run holds: pressure on every tier
+    # ~ 13 % of the tokens this run holds: pressure on every tier (drop cost 1: with the default 2 and these
+    # synthetic distortions every kept token ends in the cheapest tier)
+    cache = make("spherical", 0.04, n_ctx=2000, drop_cost=1.0)
     rng = np.random.default_rng(1)
     run_ops(cache, [64] * 4 + [1] * 300, rng)
     st_ = cache.stats(per_head=True)
@@ -265,3 +297,7 @@ def test_budget_syntax_and_minimum():
         make_policy("h2o")
     with pytest.raises(InputError, match="valid: .*spherical"):
         make_policy("lru")
+    for bad in ({"keep_if_fits": "maybe"}, {"drop_cost": 0}, {"util_floor": -1}):
+        with pytest.raises(InputError, match="|".join(bad)):
+            make("spherical", 0.25, **bad)
+    assert make("spherical", 0.25, keep_if_fits="off").policy.keep_if_fits is False

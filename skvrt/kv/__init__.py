@@ -14,10 +14,13 @@ from .cache import PagedKVCache, Policy
 from .tiers import DenseTier, QuantTier
 
 # ADA tiers of the spherical policy's ladder: (key bits per token per head, value bits), richest first
-DEFAULT_LADDER = ((256, 4), (128, 4), (64, 2))
+from ..calibrate import DEFAULT_LADDER
 LADDER_V_GROUP = 64
 RDR_WINDOW = 32  # default recent window of the budgeted policies
-SPHERICAL_DROP_COST = 1.0  # distortion of dropping a token, relative to its whole contribution (rdr.assign)
+SPHERICAL_DROP_COST = 2.0  # distortion of dropping a token, relative to its whole contribution (rdr.assign);
+# 1, 2 and 8 measured on the dev text (bench/rdr_dev.py, docs/QUALITY.md): 2 best at 10 %, equal at 25 %
+SPHERICAL_KEEP_IF_FITS = True  # drop nothing while every token fits at the cheapest tier (rdr.assign)
+SPHERICAL_UTIL_FLOOR = 1.0  # utility floor, a fraction of a uniform attention share (Policy.util_floor)
 
 KV_POLICIES = {
     "full": "every token kept in the dense tier (float16 by default)",
@@ -33,14 +36,14 @@ KV_POLICIES = {
     "h2o": "H2O-like eviction under --kv-budget: tokens kept at dense precision by accumulated attention "
            "(prefill observation window + every decode step), the rest dropped",
     "spherical": "Spherical KV (ADA + RDR) under --kv-budget: each token outside sinks + window gets an ADA tier "
-                 "(ladder=256:4,128:4,64:2 key:value bits) or is dropped, by attention utility x calibrated "
+                 "(ladder=256:4,192:2,128:2 key:value bits) or is dropped, by attention utility x calibrated "
                  "distortion, jointly over layers and heads; needs `skvrt calibrate`",
 }
 BUDGETED = ("snapkv", "h2o", "spherical")
 
 
 def parse_ladder(ladder) -> tuple[tuple[int, int], ...]:
-    """'256:4,128:4,64:2' (or a sequence of pairs) -> ((256, 4), (128, 4), (64, 2))."""
+    """'256:4,192:2,128:2' (or a sequence of pairs) -> ((256, 4), (192, 2), (128, 2))."""
     if ladder is None:
         return DEFAULT_LADDER
     try:
@@ -49,7 +52,7 @@ def parse_ladder(ladder) -> tuple[tuple[int, int], ...]:
         out = tuple((int(kb), int(vb)) for kb, vb in ladder)
     except (ValueError, TypeError):
         raise InputError(f"bad ladder {ladder!r}: use key_bits:value_bits pairs, richest first, e.g. "
-                         f"256:4,128:4,64:2") from None
+                         f"256:4,192:2,128:2") from None
     if not out or any(kb % 8 or kb <= 0 or vb not in (2, 4, 8) for kb, vb in out):
         raise InputError(f"bad ladder {ladder!r}: key bits multiples of 8, value bits 2, 4 or 8")
     return out
@@ -68,10 +71,23 @@ def proxy_distortion(calibration, tiers) -> np.ndarray:
     return np.stack(out, axis=-1)
 
 
+def _flag(name: str, value, default: bool) -> bool:
+    """A yes/no policy option: True / False, 1 / 0, or the strings true / false / yes / no / on / off."""
+    if value is None:
+        return default
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise InputError(f"{name} must be true or false (1 / 0), not {value!r}")
+
+
 def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = None, k_bits: int = 4,
                 v_bits: int = 4, v_group: int = 32, tier: int = 192, calibration=None, budget=None,
                 ladder=None, kv_dtype: str = "float16", obs: int = 32, chunk: int | None = None,
-                distortion: str = "measured", batch: int | None = None, drop_cost: float | None = None) -> Policy:
+                distortion: str = "measured", batch: int | None = None, drop_cost: float | None = None,
+                util_floor: float | None = None, keep_if_fits: bool | None = None) -> Policy:
     if kv_policy not in KV_POLICIES:
         raise InputError(f"unknown --kv-policy {kv_policy!r}; valid: {', '.join(KV_POLICIES)}")
     if window is None:
@@ -97,6 +113,8 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
               "back to the dense tier", file=sys.stderr)
         return Policy(budget=budget)
     if kv_policy == "spherical":
+        if (drop_cost is not None and not float(drop_cost) > 0) or (util_floor is not None and not float(util_floor) >= 0):
+            raise InputError(f"drop_cost must be > 0 and util_floor >= 0 (got {drop_cost}, {util_floor})")
         steps = parse_ladder(ladder)
         max_bits = 12 * calibration.q_sq.shape[-1] // 2
         if any(kb > max_bits for kb, _ in steps):
@@ -105,9 +123,15 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
         if distortion not in ("measured", "proxy"):
             raise InputError(f"distortion must be measured (the sidecar's, when it has this ladder) or proxy")
         measured = calibration.distortion(steps, LADDER_V_GROUP) if distortion == "measured" else None
+        if measured is None and distortion == "measured":
+            print(f"skvrt: the calibration sidecar has no measured distortion for every tier of the ladder "
+                  f"{','.join(f'{kb}:{vb}' for kb, vb in steps)}; spherical uses the proxy estimate (run "
+                  f"`skvrt calibrate` to measure them)", file=sys.stderr)
         dist = measured if measured is not None else proxy_distortion(calibration, tiers)
         return Policy("spherical", old_tiers=tiers, allocator="rdr", utility="mean", distortion=dist, obs=obs,
-                      drop_cost=float(drop_cost if drop_cost is not None else SPHERICAL_DROP_COST), **common)
+                      drop_cost=float(drop_cost if drop_cost is not None else SPHERICAL_DROP_COST),
+                      util_floor=float(util_floor if util_floor is not None else SPHERICAL_UTIL_FLOOR),
+                      keep_if_fits=_flag("keep_if_fits", keep_if_fits, SPHERICAL_KEEP_IF_FITS), **common)
     if kv_policy == "ada":
         if tier % 8 or not 8 <= tier <= 12 * calibration.q_sq.shape[-1] // 2:
             raise InputError(f"ada tier must be a multiple of 8 key bits per token per head, 8..., not {tier}")

@@ -19,6 +19,7 @@ both (docs/ADA_NOTES.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -94,7 +95,7 @@ class AdaTier(_Tier):
         if not (sums == sums.flat[0]).all() or sums.flat[0] % 8:
             raise ValueError("every (layer, head) must spend the same key bits, a multiple of 8")
 
-    @property
+    @functools.cached_property
     def key_bits(self) -> int:
         return int(self.pair_bits.sum(-1).flat[0])
 

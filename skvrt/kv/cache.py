@@ -57,6 +57,10 @@ class Policy:
     chunk: int | None = None  # largest forward() (default MAX_CHUNK; RDR_CHUNK for rdr)
     batch: int | None = None  # rdr: tokens per (layer, head) that leave the window per round (default a dense page)
     drop_cost: float = 1.0  # rdr: distortion of dropping a token (see rdr.assign)
+    keep_if_fits: bool = False  # rdr: when the budget can hold the whole context (n_ctx) at the cheapest old tier,
+    # drop nothing while every token fits there (rdr.assign)
+    util_floor: float = 0.0  # rdr: utility every token has whatever attention it got, as a fraction of a uniform
+    # share (1 / tokens in context): a future query may retrieve a token no query has looked at yet
 
     @property
     def old_tier(self):
@@ -166,6 +170,12 @@ class PagedKVCache:
         self._departed = set()  # layers whose tokens leaving in this forward already took their tiers (_depart)
         self._depart_frames = 0  # old-tier frames the last layer's departure took (sizes later layers' room)
         self._attended = -1  # the last layer that attended in the forward in progress (its mass includes it)
+        # keep_if_fits: the budget holds a whole context at the cheapest old tier beside the dense tier (sinks +
+        # window + half a batch per head on average), so the allocator need not drop (an estimate: rdr.assign
+        # checks what the arena holds each time)
+        self.keeps_all = bool(policy.keep_if_fits and policy.budget is not None and policy.old_tiers and
+                              n_frames >= heads * (n_ctx / sizes[-1] +
+                                                   (policy.sinks + policy.window + self.batch / 2) / Pd))
         self.allocator_seconds = 0.0  # time spent in rdr.assign + applying its plans (reported by bench)
         self.allocator_runs = 0
 
@@ -232,7 +242,8 @@ class PagedKVCache:
                     t0 = time.perf_counter()
                     leaving = self._take_leaving(lo, lo + n_leave, todo)
                     self.allocator_seconds += time.perf_counter() - t0
-                    self._rebalance(leaving)
+                    # room for the next batch of decode tokens too: no second search when the dense pages fill
+                    self._rebalance(leaving, reserve_extra=self.batch)
                 self.n_old += n_leave
             return
         while self.offset - p.window - p.sinks - self.n_old >= self.batch:
@@ -425,8 +436,11 @@ class PagedKVCache:
                 pend = np.sort(np.asarray(self._pending_obs, np.int64))
                 seen = np.ones(len(pos), bool) if layer is None else layer <= self._attended
                 n_obs = n_obs + np.where(seen, len(pend) - np.searchsorted(pend, pos, side="left"), 0)
-            return mass / np.maximum(n_obs, 1)
-        return mass.astype(np.float64)
+            return mass / np.maximum(n_obs, 1) + self._floor()
+        return mass.astype(np.float64) + self._floor()
+
+    def _floor(self) -> float:
+        return self.policy.util_floor / max(self.offset, 1)
 
     def _rebalance(self, leaving: dict, reserve_extra: int = 1, reserve_layers=None, reserve_frames: int = 0) -> None:
         """Assign every token outside sinks + window -- the ones leaving now (`leaving`, taken out of the dense
@@ -471,7 +485,7 @@ class PagedKVCache:
         capacity = self._old_capacity(reserve_extra, reserve_layers)
         capacity = max(capacity - reserve_frames, min(capacity, 0))  # reserve_frames: as far as dropping can
         choice, self._lam = rdr.assign(lh_all, cur, util, dist, sizes, capacity, L * H, hint=self._lam,
-                                       drop_cost=self.policy.drop_cost)
+                                       drop_cost=self.policy.drop_cost, keep_if_fits=self.keeps_all)
         self._apply(lh_all, cur, pos, mass, choice, leaving)
         self.allocator_seconds += time.perf_counter() - t0
         self.allocator_runs += 1
@@ -542,18 +556,25 @@ class PagedKVCache:
         # 3. per (layer, head, tier): empty every partly filled page but the fullest (all of them first, so
         # nothing is allocated while pages still wait to be freed), then write the moves after it
         todo = []
+        partial = self._n_partials()  # (L * H, n_pools)
         for lh in range(L * H):
             layer, h = divmod(lh, H)
             for t in range(1, len(self.pools)):
-                if (lh, t) in moves or self._n_partial(layer, h, t) > 1:
+                if (lh, t) in moves or partial[lh, t] > 1:
                     todo.append((layer, h, t, self._collect_partials(layer, h, t) + moves.get((lh, t), [])))
         for layer, h, t, items in todo:
             self._write_tokens(layer, h, t, items)
 
-    def _n_partial(self, layer: int, h: int, t: int) -> int:
-        ids, tiers = self.table.pages(layer, h)
-        P = self.pools[t].page_size
-        return int(sum(1 for pid, tt in zip(ids, tiers) if tt == t and self.arena.fill[pid] < P))
+    def _n_partials(self) -> np.ndarray:
+        """-> (L * H, n_pools) partly filled pages of each (layer, head) and tier."""
+        t, n_t = self.table, len(self.pools)
+        L, H = self.n_layers, self.n_kv_heads
+        entry = np.arange(t.max_pages)[None, :] < t.n_pages.reshape(-1, 1)  # (L*H, max_pages)
+        tiers = t.page_tiers.reshape(L * H, -1)
+        size = np.array([p.page_size for p in self.pools])
+        part = entry & (self.arena.fill[t.page_ids.reshape(L * H, -1)] < size[tiers])
+        lh = np.nonzero(part)[0]
+        return np.bincount(lh * n_t + tiers[part], minlength=L * H * n_t).reshape(L * H, n_t)
 
     def _read_page(self, t: int, pid: int, f: int, lh) -> tuple[np.ndarray, np.ndarray]:
         """Best copy of a page's first f tokens: k, v (f, D) float32."""
@@ -772,6 +793,8 @@ class PagedKVCache:
             "bytes_per_token": used / self.offset if self.offset else 0.0,
             "fraction_of_fp16": used / dense_fp16 if dense_fp16 else 0.0,
         }
+        if self.policy.allocator == "rdr":
+            out["drops"] = "only when the cheapest tier cannot hold every token" if self.keeps_all else "by utility"
         if per_head:
             L, H = self.n_layers, self.n_kv_heads
             out["bytes_per_head"] = (self.table.n_pages.astype(np.int64) * page).tolist()

@@ -67,7 +67,7 @@ def choose(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, 
 
 def assign(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, sizes: np.ndarray,
            capacity: int, n_lh: int, hint: float | None = None, rel_tol: float = 1e-3,
-           drop_cost: float = 1.0) -> tuple[np.ndarray, float]:
+           drop_cost: float = 1.0, keep_if_fits: bool = False) -> tuple[np.ndarray, float]:
     """lh (n,) layer * H + head of each token; cur (n,) its tier now (0 = still dense, leaving the window;
     1..T an old tier); util (n,) >= 0; dist (n_lh, T) relative distortion of each old tier; sizes (T,) tokens
     per page of each old tier; capacity: pages the old tiers may use; hint: the multiplier of the previous
@@ -75,11 +75,15 @@ def assign(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, 
     contribution; larger values price in that a dropped token is lost for every later query, which past
     attention does not predict). -> (tier (n,) in 1..T + 1 (T + 1 = drop), never richer than cur;
     the multiplier used). The smallest multiplier that fits, to rel_tol. Deterministic (ties go to the
-    richer tier)."""
+    richer tier). keep_if_fits: no token is dropped while every one fits at the cheapest tier (a token no
+    query has looked at yet may be the one a later query retrieves; the tiers then share the bytes)."""
     n = len(lh)
     if n == 0:
         return np.zeros(0, np.int64), 0.0
     cost, rate = _costs(lh, cur, util, dist, sizes, n_lh, drop_cost)
+    T = len(sizes)
+    if keep_if_fits and frames_needed(lh, np.full(n, T), sizes, n_lh) <= capacity:
+        cost[:, T] = np.inf
 
     def choose(lam: float) -> np.ndarray:
         return np.argmin(cost + lam * rate, axis=1) + 1
@@ -89,7 +93,8 @@ def assign(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, 
 
     if fits(0.0):
         return choose(0.0), 0.0
-    top = max(float(np.max(cost[np.isfinite(cost)])), 1e-12) * float(np.max(sizes)) * 4  # all dropped: fits
+    top = max(float(np.max(cost[np.isfinite(cost)])), 1e-12) * float(np.max(sizes)) * 4  # all dropped (or all at
+    # the cheapest tier): fits
     lo, hi = (hint, hint) if hint and 0 < hint < top else (0.0, top)
     if lo == hi:  # bracket the previous multiplier
         if fits(hi):
@@ -99,7 +104,9 @@ def assign(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, 
         else:
             while not fits(hi) and hi < top:
                 lo, hi = hi, min(hi * 2, top)
-    while hi - lo > rel_tol * hi:
+    for _ in range(200):  # (a plan that fits at every multiplier > 0 but not at 0 ends near 0, not in a loop)
+        if hi - lo <= rel_tol * hi:
+            break
         mid = (lo + hi) / 2
         if fits(mid):
             hi = mid
