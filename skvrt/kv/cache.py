@@ -242,8 +242,9 @@ class PagedKVCache:
                     t0 = time.perf_counter()
                     leaving = self._take_leaving(lo, lo + n_leave, todo)
                     self.allocator_seconds += time.perf_counter() - t0
-                    # room for the next batch of decode tokens too: no second search when the dense pages fill
-                    self._rebalance(leaving, reserve_extra=self.batch)
+                    # (reserving the next batch's dense page here saves the search when the dense pages fill, but
+                    # idles a page per head: WikiText 10 % KL 0.0908 -> 0.0927 for spherical, 0.219 -> 0.232 snapkv)
+                    self._rebalance(leaving)
                 self.n_old += n_leave
             return
         while self.offset - p.window - p.sinks - self.n_old >= self.batch:
