@@ -73,14 +73,22 @@ def test_assign_keep_if_fits_drops_nothing_while_the_cheapest_tier_holds_everyon
     util = np.array([5.0, 0.0, 0.0, 0.0, 4.0, 0.0, 0.0, 0.0])  # most tokens were never looked at
     lh, cur = np.zeros(8, np.int64), np.zeros(8, np.int64)
     dist = np.array([[0.1, 0.5]])
+
+    def keep_if_fits(capacity):  # the cache's rule: no drops while everyone fits the cheapest tier
+        allow = not rdr.all_fit_cheapest(lh, sizes, capacity, n_lh)
+        got, lam = rdr.assign(lh, cur, util, dist, sizes, capacity, n_lh, allow_drop=allow)
+        # a departure between searches at the same multiplier follows the same rule
+        assert (rdr.choose(lh, cur, util, dist, sizes, n_lh, lam, allow_drop=allow) == got).all()
+        return got
+
     plain, _ = rdr.assign(lh, cur, util, dist, sizes, 2, n_lh)  # (its multiplier tends to 0: the search ends)
     assert (plain == 3).sum() >= 4  # zero-utility tokens cost nothing to drop
-    kept, _ = rdr.assign(lh, cur, util, dist, sizes, 2, n_lh, keep_if_fits=True)
+    kept = keep_if_fits(2)
     assert (kept == 2).all()  # 8 tokens in 2 pages of the cheapest tier: nothing dropped
-    richer, _ = rdr.assign(lh, cur, util, dist, sizes, 3, n_lh, keep_if_fits=True)
+    richer = keep_if_fits(3)
     assert (richer <= 2).all() and set(np.nonzero(richer == 1)[0]) == {0, 4}  # the spare page: the useful pair
     # when even the cheapest tier cannot hold everyone, tokens are dropped as without the rule
-    tight, _ = rdr.assign(lh, cur, util, dist, sizes, 1, n_lh, keep_if_fits=True)
+    tight = keep_if_fits(1)
     tight_plain, _ = rdr.assign(lh, cur, util, dist, sizes, 1, n_lh)
     assert (tight == tight_plain).all() and (tight == 3).sum() == 6  # one page of the richest tier: the pair
 

@@ -167,6 +167,7 @@ class PagedKVCache:
         self._obs = []  # positions of the queries whose attention was added to `mass` (sorted)
         self._pending_obs = []  # this forward's observers, recorded by attend(layer 0), committed by advance
         self._lam = None  # the allocator's last Lagrange multiplier (its next search starts there)
+        self._allow_drop = True  # whether the last search could drop (keep_if_fits)
         self._departed = set()  # layers whose tokens leaving in this forward already took their tiers (_depart)
         self._depart_frames = 0  # old-tier frames the last layer's departure took (sizes later layers' room)
         self._attended = -1  # the last layer that attended in the forward in progress (its mass includes it)
@@ -400,7 +401,7 @@ class PagedKVCache:
         util = rdr.pool_neighbours(lh, pos, self.utilities(pos, mass, lh // self.n_kv_heads))
         sizes = np.array([q.page_size for q in self.pools[1:]])
         choice = rdr.choose(lh, cur, util, self._distortion(), sizes, self.n_layers * self.n_kv_heads, self._lam,
-                            self.policy.drop_cost)
+                            self.policy.drop_cost, self._allow_drop)
         need = self._new_pages(lh, choice)
         self._depart_frames = need
         if need > self.arena.n_free - self._dense_new_pages(T, nxt):
@@ -485,8 +486,10 @@ class PagedKVCache:
         sizes = np.array([p.page_size for p in self.pools[1:]])
         capacity = self._old_capacity(reserve_extra, reserve_layers)
         capacity = max(capacity - reserve_frames, min(capacity, 0))  # reserve_frames: as far as dropping can
+        # keep_if_fits: no drops while everything fits the cheapest tier; departures between searches follow suit
+        self._allow_drop = not (self.keeps_all and rdr.all_fit_cheapest(lh_all, sizes, capacity, L * H))
         choice, self._lam = rdr.assign(lh_all, cur, util, dist, sizes, capacity, L * H, hint=self._lam,
-                                       drop_cost=self.policy.drop_cost, keep_if_fits=self.keeps_all)
+                                       drop_cost=self.policy.drop_cost, allow_drop=self._allow_drop)
         self._apply(lh_all, cur, pos, mass, choice, leaving)
         self.allocator_seconds += time.perf_counter() - t0
         self.allocator_runs += 1

@@ -45,29 +45,37 @@ def frames_needed(lh: np.ndarray, tier: np.ndarray, sizes: np.ndarray, n_lh: int
     return int(np.ceil(counts / sizes[None, :]).sum())
 
 
-def _costs(lh, cur, util, dist, sizes, n_lh: int, drop_cost: float) -> tuple[np.ndarray, np.ndarray]:
-    """-> cost (n, T + 1) utility x distortion of each tier and drop (inf where it would promote), rate (T + 1,)
-    pages per token."""
+def _costs(lh, cur, util, dist, sizes, n_lh: int, drop_cost: float, allow_drop: bool = True):
+    """-> cost (n, T + 1) utility x distortion of each tier and drop (inf where it would promote, and for drop
+    when not allow_drop), rate (T + 1,) pages per token."""
     T = len(sizes)
     d = np.concatenate([np.asarray(dist, np.float64), np.full((n_lh, 1), drop_cost)], axis=1)  # (n_lh, T + 1)
     cost = util.astype(np.float64)[:, None] * d[lh]  # (n, T + 1)
     cost[np.arange(T + 1)[None, :] < np.maximum(cur, 1)[:, None] - 1] = np.inf  # demotions only
+    if not allow_drop:
+        cost[:, T] = np.inf
     return cost, np.append(1.0 / np.asarray(sizes, np.float64), 0.0)
 
 
+def all_fit_cheapest(lh: np.ndarray, sizes: np.ndarray, capacity: int, n_lh: int) -> bool:
+    """Whether every token fits the capacity at the cheapest tier (the keep_if_fits rule: then nothing need be
+    dropped -- a token no query has looked at yet may be the one a later query retrieves)."""
+    return frames_needed(lh, np.full(len(lh), len(sizes)), sizes, n_lh) <= capacity
+
+
 def choose(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, sizes: np.ndarray, n_lh: int,
-           lam: float, drop_cost: float = 1.0) -> np.ndarray:
+           lam: float, drop_cost: float = 1.0, allow_drop: bool = True) -> np.ndarray:
     """Each token's tier at a given multiplier (no search): the rule `assign` applies once it found lam. Used
     for tokens that leave the window between two searches (their pages are checked by the caller)."""
     if len(lh) == 0:
         return np.zeros(0, np.int64)
-    cost, rate = _costs(lh, cur, util, dist, sizes, n_lh, drop_cost)
+    cost, rate = _costs(lh, cur, util, dist, sizes, n_lh, drop_cost, allow_drop)
     return np.argmin(cost + lam * rate, axis=1) + 1
 
 
 def assign(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, sizes: np.ndarray,
            capacity: int, n_lh: int, hint: float | None = None, rel_tol: float = 1e-3,
-           drop_cost: float = 1.0, keep_if_fits: bool = False) -> tuple[np.ndarray, float]:
+           drop_cost: float = 1.0, allow_drop: bool = True) -> tuple[np.ndarray, float]:
     """lh (n,) layer * H + head of each token; cur (n,) its tier now (0 = still dense, leaving the window;
     1..T an old tier); util (n,) >= 0; dist (n_lh, T) relative distortion of each old tier; sizes (T,) tokens
     per page of each old tier; capacity: pages the old tiers may use; hint: the multiplier of the previous
@@ -75,15 +83,11 @@ def assign(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, 
     contribution; larger values price in that a dropped token is lost for every later query, which past
     attention does not predict). -> (tier (n,) in 1..T + 1 (T + 1 = drop), never richer than cur;
     the multiplier used). The smallest multiplier that fits, to rel_tol. Deterministic (ties go to the
-    richer tier). keep_if_fits: no token is dropped while every one fits at the cheapest tier (a token no
-    query has looked at yet may be the one a later query retrieves; the tiers then share the bytes)."""
+    richer tier). allow_drop False: no token is dropped (the caller checked `all_fit_cheapest`)."""
     n = len(lh)
     if n == 0:
         return np.zeros(0, np.int64), 0.0
-    cost, rate = _costs(lh, cur, util, dist, sizes, n_lh, drop_cost)
-    T = len(sizes)
-    if keep_if_fits and frames_needed(lh, np.full(n, T), sizes, n_lh) <= capacity:
-        cost[:, T] = np.inf
+    cost, rate = _costs(lh, cur, util, dist, sizes, n_lh, drop_cost, allow_drop)
 
     def choose(lam: float) -> np.ndarray:
         return np.argmin(cost + lam * rate, axis=1) + 1
