@@ -58,7 +58,7 @@ class Policy:
     batch: int | None = None  # rdr: tokens per (layer, head) that leave the window per round (default a dense page)
     drop_cost: float = 1.0  # rdr: distortion of dropping a token (see rdr.assign)
     keep_if_fits: bool = False  # rdr: when the budget can hold the whole context (n_ctx) at the cheapest old tier,
-    # drop nothing while every token fits there (rdr.assign)
+    # drop nothing while every token fits there (PagedKVCache.keeps_all, rdr.all_fit_cheapest)
     util_floor: float = 0.0  # rdr: utility every token has whatever attention it got, as a fraction of a uniform
     # share (1 / tokens in context): a future query may retrieve a token no query has looked at yet
 
@@ -172,8 +172,8 @@ class PagedKVCache:
         self._depart_frames = 0  # old-tier frames the last layer's departure took (sizes later layers' room)
         self._attended = -1  # the last layer that attended in the forward in progress (its mass includes it)
         # keep_if_fits: the budget holds a whole context at the cheapest old tier beside the dense tier (sinks +
-        # window + half a batch per head on average), so the allocator need not drop (an estimate: rdr.assign
-        # checks what the arena holds each time)
+        # window + half a batch per head on average), so the allocator need not drop (an estimate: each search
+        # checks what the arena holds, rdr.all_fit_cheapest in _rebalance)
         self.keeps_all = bool(policy.keep_if_fits and policy.budget is not None and policy.old_tiers and
                               n_frames >= heads * (n_ctx / sizes[-1] +
                                                    (policy.sinks + policy.window + self.batch / 2) / Pd))
@@ -340,8 +340,8 @@ class PagedKVCache:
             return 0
         pool, t = self.pools[DENSE], self.table
         P = pool.page_size
-        tiers, n_pages = t.page_tiers[layers], t.n_pages[layers]  # (nl, H, max_pages), (nl, H)
-        entry = (np.arange(t.max_pages) < n_pages[..., None]) & (tiers == DENSE)
+        tiers = t.page_tiers[layers]  # (nl, H, max_pages)
+        entry = t.entries(layers) & (tiers == DENSE)
         ids = np.where(entry, t.page_ids[layers], 0)
         free = np.where(entry, P - self.arena.fill[ids], 0).sum(axis=-1)  # (nl, H) free dense slots
         return int(np.ceil(np.maximum(extra_tokens - free, 0) / P).sum())
@@ -464,7 +464,7 @@ class PagedKVCache:
             cand_mass.append(mass if mass is not None else np.zeros(len(pos)))
         leaving = {lh: x[:3] for lh, x in leaving.items()}
         t = self.table
-        entry = np.arange(t.max_pages)[None, :] < t.n_pages.reshape(-1, 1)  # (L*H, max_pages) valid entries
+        entry = t.entries().reshape(L * H, -1)  # (L*H, max_pages) valid entries
         e_lh, e_i = np.nonzero(entry & (t.page_tiers.reshape(L * H, -1) > 0))
         e_pid = t.page_ids.reshape(L * H, -1)[e_lh, e_i]
         e_tier = t.page_tiers.reshape(L * H, -1)[e_lh, e_i]
@@ -573,7 +573,7 @@ class PagedKVCache:
         """-> (L * H, n_pools) partly filled pages of each (layer, head) and tier."""
         t, n_t = self.table, len(self.pools)
         L, H = self.n_layers, self.n_kv_heads
-        entry = np.arange(t.max_pages)[None, :] < t.n_pages.reshape(-1, 1)  # (L*H, max_pages)
+        entry = t.entries().reshape(L * H, -1)  # (L*H, max_pages)
         tiers = t.page_tiers.reshape(L * H, -1)
         size = np.array([p.page_size for p in self.pools])
         part = entry & (self.arena.fill[t.page_ids.reshape(L * H, -1)] < size[tiers])

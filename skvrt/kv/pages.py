@@ -38,6 +38,11 @@ class PageTable:
     def max_pages(self) -> int:
         return self.page_ids.shape[2]
 
+    def entries(self, layers=None) -> np.ndarray:
+        """-> (L, H, max_pages) bool (the rows of `layers` only, when given): which slots hold a page."""
+        n = self.n_pages if layers is None else self.n_pages[layers]
+        return np.arange(self.max_pages) < n[..., None]
+
     def pages(self, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
         """-> (page_ids (n,), page_tiers (n,)) of one (layer, head), views into the table."""
         n = self.n_pages[layer, head]
