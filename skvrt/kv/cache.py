@@ -10,7 +10,10 @@ left the recent window -- except the first `sinks` -- out of the dense tier:
     old-token tier (pool 1), or dropped when there is none;
   * allocator "rdr" (spherical / snapkv / h2o): every token outside sinks + window is (re)assigned a tier or
     dropped by `skvrt.kv.rdr.assign`, jointly over all layers and heads, so that the arena -- the byte budget
-    -- is never exceeded; stored tokens are only ever demoted (re-encoded from the copy they have).
+    -- is never exceeded; stored tokens are only ever demoted (re-encoded from the copy they have). Between
+    searches, tokens leaving the window take their tiers at the last search's multiplier (`_place`; a search
+    leaves room for the next DECODE_AHEAD rounds); demotions leave holes in pages, merged into fresh pages only
+    when frames are needed (`_reclaim`), so a page is re-encoded when the budget needs its frame, not each round.
 So the dense tier holds sinks + between `window` and `window + batch - 1` recent tokens (+ the chunk being
 prefilled), and memory stays bounded between prefill chunks.
 """
@@ -35,6 +38,9 @@ from .tiers import DenseTier
 DENSE = 0  # tier index of the dense tier
 OLD = 1  # tier index of the fifo policies' old-token tier, when they have one
 MAX_CHUNK = 512  # largest forward() a compressing policy's dense tier is sized for
+DECODE_AHEAD = 2  # rdr: a search during decode leaves room for this many rounds of departures, which then take
+# their tiers at its multiplier without a search (a search re-reads every old token: ~0.5 s at 4K tokens). Dev
+# text, 10 % budget: a search every round KL 0.0622, 2 rounds ahead 0.0643, 4 ahead 0.0673 (idle frames)
 RDR_CHUNK = 64  # prefill chunk of the rdr policies (the dense tier holds one chunk inside the budget; smaller
 # chunks mean more allocation rounds, each re-encoding open pages: 32 measured worse than 64 on the dev text)
 
@@ -170,6 +176,7 @@ class PagedKVCache:
         self._allow_drop = True  # whether the last search could drop (keep_if_fits)
         self._departed = set()  # layers whose tokens leaving in this forward already took their tiers (_depart)
         self._depart_frames = 0  # old-tier frames the last layer's departure took (sizes later layers' room)
+        self._round_frames = 0  # old-tier frames the last decode round's departures took (sizes the next rounds')
         self._attended = -1  # the last layer that attended in the forward in progress (its mass includes it)
         # keep_if_fits: the budget holds a whole context at the cheapest old tier beside the dense tier (sinks +
         # window + half a batch per head on average), so the allocator need not drop (an estimate: each search
@@ -177,6 +184,7 @@ class PagedKVCache:
         self.keeps_all = bool(policy.keep_if_fits and policy.budget is not None and policy.old_tiers and
                               n_frames >= heads * (n_ctx / sizes[-1] +
                                                    (policy.sinks + policy.window + self.batch / 2) / Pd))
+        self._old_sizes = np.array([q.page_size for q in self.pools[1:]])  # tokens per page of each old tier
         self.allocator_seconds = 0.0  # time spent in rdr.assign + applying its plans (reported by bench)
         self.allocator_runs = 0
 
@@ -215,7 +223,7 @@ class PagedKVCache:
                 if pid < 0 or pool.fill[pid] == P:
                     pid = open_.pop(0) if open_ else -1
                 if pid < 0:
-                    pid = pool.alloc()
+                    pid = self._alloc(DENSE)
                     self.table.push(layer, h, pid, DENSE)
                 f = int(pool.fill[pid])
                 n = min(P - f, T - t)
@@ -245,7 +253,8 @@ class PagedKVCache:
                     self.allocator_seconds += time.perf_counter() - t0
                     # (reserving the next batch's dense page here saves the search when the dense pages fill, but
                     # idles a page per head: WikiText 10 % KL 0.0908 -> 0.0927 for spherical, 0.219 -> 0.232 snapkv)
-                    self._rebalance(leaving)
+                    self._round_frames = self._place(leaving, 1, range(self.n_layers), DECODE_AHEAD,
+                                                     self._round_frames)
                 self.n_old += n_leave
             return
         while self.offset - p.window - p.sinks - self.n_old >= self.batch:
@@ -267,7 +276,7 @@ class PagedKVCache:
             return
         k, v, pos, mass = self._take_dense(layer, h, 0, self.n_ctx + 1)  # + a forward in progress
         for s in range(0, len(pos), P):
-            pid = pool.alloc()
+            pid = self._alloc(DENSE)
             self.table.push(layer, h, pid, DENSE)
             m = len(pos[s : s + P])
             pool.tier.write(pool.data, pid, 0, k[s : s + P], v[s : s + P])
@@ -351,12 +360,17 @@ class PagedKVCache:
         chunk (T > 1) leaves each layer's dense pages once the layer attended (_depart), so the budget reserves
         one layer's chunk, not every layer's; a decode step's token stays until `batch` tokens leave together,
         so layer 0 makes room for every layer's (one search per step at most, not one per layer)."""
-        if T > 1:
-            if self.arena.n_free < self._dense_new_pages(T, [layer]):
-                rest = self.n_layers - layer - 1
-                self._rebalance({}, reserve_extra=T, reserve_layers=[layer], reserve_frames=self._depart_frames * rest)
-        elif layer == 0 and self.arena.n_free < self._dense_new_pages(T, range(self.n_layers)):
-            self._rebalance({}, reserve_extra=T)
+        layers = [layer] if T > 1 else range(self.n_layers) if layer == 0 else []
+        need = self._dense_new_pages(T, layers)
+        if self.arena.n_free >= need:
+            return
+        if self.arena.n_free + int(self._waste().sum()) >= need:  # merging partly filled pages frees enough
+            self._reclaim(need)
+        elif T > 1:
+            rest = self.n_layers - layer - 1
+            self._rebalance({}, reserve_extra=T, reserve_layers=[layer], reserve_frames=self._depart_frames * rest)
+        else:
+            self._rebalance({}, reserve_extra=T, reserve_frames=self._round_frames * DECODE_AHEAD)
 
     def _old_capacity(self, extra_tokens: int, layers) -> int:
         """Frames the old tiers may use: the arena minus the dense tier's pages and what `extra_tokens` more per
@@ -376,9 +390,9 @@ class PagedKVCache:
 
     def _depart(self, layer: int, T: int) -> None:
         """After `layer` attended a prefill chunk of T tokens: its tokens that leave the window by the end of
-        this forward take their tiers now (the multiplier of the last search decides each token, no search),
-        so the next layer's chunk finds the room. When those pages do not fit the free frames, or no search
-        has run yet, a joint search (`_rebalance`) places them with everything else."""
+        this forward take their tiers now (`_place`), so the next layer's chunk finds the room; a search, when
+        one is needed, leaves room for the remaining layers' departures (estimated as this layer's): one joint
+        search per forward, not one per layer."""
         p = self.policy
         n_leave = self.offset + T - p.window - p.sinks - self.n_old
         if n_leave < self.batch:
@@ -388,45 +402,99 @@ class PagedKVCache:
         leaving = self._take_leaving(lo, lo + n_leave, [layer])
         self._departed.add(layer)
         nxt = [layer + 1] if layer + 1 < self.n_layers else []
-        rest = self.n_layers - layer - 1
-        self.allocator_seconds += time.perf_counter() - t0  # the take; the rest is timed below or by _rebalance
+        self.allocator_seconds += time.perf_counter() - t0  # the take; _place times the rest
+        self._depart_frames = self._place(leaving, T, nxt, self.n_layers - layer - 1, self._depart_frames)
+
+    def _place(self, leaving: dict, reserve_extra: int, reserve_layers, ahead: int, last_frames: int) -> int:
+        """Tokens leaving the window ({lh: (k, v, pos, mass)}, out of the dense tier) take their tiers at the last
+        search's multiplier (rdr.choose, no search) when their pages fit beside the dense reserve (as in
+        `_rebalance`); otherwise, or before the first search, a joint search places them with everything else
+        and also leaves room for `ahead` more such placements. -> the old-tier frames this placement added
+        (last_frames, the previous one's, sizes the room before the first search)."""
         t0 = time.perf_counter()
         if self._lam is None:
-            self._rebalance(leaving, reserve_extra=T, reserve_layers=nxt, reserve_frames=self._depart_frames * rest)
-            return
+            self._rebalance(leaving, reserve_extra=reserve_extra, reserve_layers=reserve_layers,
+                            reserve_frames=last_frames * ahead)
+            return last_frames
         lh = np.concatenate([np.full(len(x[2]), i, np.int64) for i, x in leaving.items()])
         pos = np.concatenate([x[2] for x in leaving.values()])
         mass = np.concatenate([x[3] if x[3] is not None else np.zeros(len(x[2])) for x in leaving.values()])
         cur = np.zeros(len(pos), np.int64)
         util = rdr.pool_neighbours(lh, pos, self.utilities(pos, mass, lh // self.n_kv_heads))
-        sizes = np.array([q.page_size for q in self.pools[1:]])
-        choice = rdr.choose(lh, cur, util, self._distortion(), sizes, self.n_layers * self.n_kv_heads, self._lam,
-                            self.policy.drop_cost, self._allow_drop)
-        need = self._new_pages(lh, choice)
-        self._depart_frames = need
-        if need > self.arena.n_free - self._dense_new_pages(T, nxt):
-            # one joint search per forward, not one per layer: it also makes room for what the remaining layers'
-            # departures will add to the old tiers (estimated as this layer's)
+        choice = rdr.choose(lh, cur, util, self._distortion(), self._old_sizes, self.n_layers * self.n_kv_heads,
+                            self._lam, self.policy.drop_cost, self._allow_drop)
+        before = self._old_frames()
+        need = self._old_frames(lh, choice) - before
+        if before + need > self._old_capacity(reserve_extra, reserve_layers):
             self.allocator_seconds += time.perf_counter() - t0
-            self._rebalance(leaving, reserve_extra=T, reserve_layers=nxt, reserve_frames=need * rest)
-            return
+            self._rebalance(leaving, reserve_extra=reserve_extra, reserve_layers=reserve_layers,
+                            reserve_frames=need * ahead)
+            return need
         self._apply(lh, cur, pos, mass, choice, {i: x[:3] for i, x in leaving.items()})
         self.allocator_seconds += time.perf_counter() - t0
-
-    def _new_pages(self, lh: np.ndarray, tier: np.ndarray) -> int:
-        """Frames that writing tokens (lh, tier) (tiers 1..; drop = len(pools)) into the open pages of their
-        (layer, head, tier) and then new pages takes."""
-        need = 0
-        for key in np.unique(lh * 256 + tier):
-            i, t = divmod(int(key), 256)
-            if t >= len(self.pools):
-                continue
-            m = int(np.count_nonzero((lh == i) & (tier == t)))
-            P = self.pools[t].page_size
-            pid = self._open_page(*divmod(i, self.n_kv_heads), t)
-            room = P - int(self.arena.fill[pid]) if pid >= 0 else 0
-            need += -(-max(0, m - room) // P)
         return need
+
+    def _tier_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """-> pages, tokens (L * H, n_pools) of each (layer, head) and tier."""
+        t, n_t = self.table, len(self.pools)
+        L, H = self.n_layers, self.n_kv_heads
+        entry = t.entries().reshape(L * H, -1)  # (L*H, max_pages)
+        key = np.nonzero(entry)[0] * n_t + t.page_tiers.reshape(L * H, -1)[entry]
+        fill = self.arena.fill[t.page_ids.reshape(L * H, -1)[entry]]
+        pages = np.bincount(key, minlength=L * H * n_t).reshape(L * H, n_t)
+        tokens = np.bincount(key, weights=fill, minlength=L * H * n_t).reshape(L * H, n_t).astype(np.int64)
+        return pages, tokens
+
+    def _old_frames(self, lh: np.ndarray | None = None, tier: np.ndarray | None = None) -> int:
+        """Frames the old tiers' tokens take packed whole (what rdr.assign counts), with tokens (lh, tier)
+        (tiers 1..; drop = len(pools)) added when given."""
+        tokens = self._tier_tokens()[1][:, 1:]
+        if lh is not None:
+            tokens = tokens + rdr.tier_counts(lh, tier, len(self.pools) - 1, len(tokens))
+        return int(np.ceil(tokens / self._old_sizes[None, :]).sum())
+
+    def _waste(self) -> np.ndarray:
+        """-> (L * H, n_pools) frames each (layer, head) and old tier could free by merging its partly filled
+        pages (pages - ceil(tokens / page size)); 0 for the dense tier."""
+        pages, tokens = self._tier_tokens()
+        size = np.array([p.page_size for p in self.pools])
+        w = pages - -(-tokens // size[None, :])
+        w[:, DENSE] = 0
+        return w
+
+    def _reclaim(self, n: int) -> None:
+        """Free frames until n are free (or nothing is left to merge): demotions and drops leave holes in old-tier
+        pages, merged only when the frames are needed. Each merge takes the (layer, head, tier) wasting the most
+        frames and re-encodes all its partly filled pages, in position order, into fresh pages (page-local
+        frames fitted to them, from the codes' decoded values). (Merging only the fewest emptiest pages that
+        free a frame re-encodes less but mixes distant positions in a page: dev text KL 0.0672 vs 0.0643 at 10 %,
+        0.0098 vs 0.0083 at 25 %.)"""
+        while self.arena.n_free < n:
+            w = self._waste()
+            lh, t = np.unravel_index(int(np.argmax(w)), w.shape)
+            if w[lh, t] <= 0:
+                return
+            layer, h = divmod(int(lh), self.n_kv_heads)
+            pool, items = self.pools[t], []
+            i = 0
+            while i < self.table.n_pages[layer, h]:
+                pid = int(self.table.page_ids[layer, h, i])
+                f = int(self.arena.fill[pid])
+                if self.table.page_tiers[layer, h, i] != t or f == pool.page_size:
+                    i += 1
+                    continue
+                k, v = self._read_page(t, pid, f, (layer, h))
+                items.append((k, v, pool.positions[pid, :f].copy(), pool.mass[pid, :f].copy()))
+                pool.free(pid)
+                self.table.remove(layer, h, i)
+            self._write_tokens(layer, h, t, items)  # into fresh pages, fewer than it freed
+
+    def _alloc(self, t: int) -> int:
+        """A free frame for a page of tier t (rdr: merging partly filled pages when none is free); -1 when none
+        can be had for an old tier (the dense tier's room was made beforehand: the pool raises)."""
+        if self.arena.n_free == 0 and self.policy.allocator == "rdr":
+            self._reclaim(1)
+        return self.pools[t].alloc() if self.arena.n_free or t == DENSE else -1
 
     def utilities(self, pos: np.ndarray, mass: np.ndarray, layer: np.ndarray | None = None) -> np.ndarray:
         """Utility of tokens at positions pos (n,) of layers `layer` (n,) with accumulated attention mass (n,).
@@ -483,7 +551,7 @@ class PagedKVCache:
         mass = np.concatenate(cand_mass)
         util = rdr.pool_neighbours(lh_all, pos, self.utilities(pos, mass, lh_all // H))
         dist = self._distortion()  # (L*H, n_old_tiers)
-        sizes = np.array([p.page_size for p in self.pools[1:]])
+        sizes = self._old_sizes
         capacity = self._old_capacity(reserve_extra, reserve_layers)
         capacity = max(capacity - reserve_frames, min(capacity, 0))  # reserve_frames: as far as dropping can
         # keep_if_fits: no drops while everything fits the cheapest tier; departures between searches follow suit
@@ -493,7 +561,9 @@ class PagedKVCache:
         self._apply(lh_all, cur, pos, mass, choice, leaving)
         self.allocator_seconds += time.perf_counter() - t0
         self.allocator_runs += 1
-        if self.arena.n_free < self._dense_new_pages(reserve_extra, reserve_layers):
+        need = self._dense_new_pages(reserve_extra, reserve_layers)
+        self._reclaim(need)
+        if self.arena.n_free < need:
             raise ContextOverflowError("KV budget allocator could not make room (internal error)")
 
     def _distortion(self) -> np.ndarray:
@@ -557,28 +627,10 @@ class PagedKVCache:
                     continue
                 sel = c == tgt
                 moves.setdefault((lh, int(tgt)), []).append((k[sel], v[sel], p[sel], m[sel].astype(np.float32)))
-        # 3. per (layer, head, tier): empty every partly filled page but the fullest (all of them first, so
-        # nothing is allocated while pages still wait to be freed), then write the moves after it
-        todo = []
-        partial = self._n_partials()  # (L * H, n_pools)
-        for lh in range(L * H):
-            layer, h = divmod(lh, H)
-            for t in range(1, len(self.pools)):
-                if (lh, t) in moves or partial[lh, t] > 1:
-                    todo.append((layer, h, t, self._collect_partials(layer, h, t) + moves.get((lh, t), [])))
-        for layer, h, t, items in todo:
-            self._write_tokens(layer, h, t, items)
-
-    def _n_partials(self) -> np.ndarray:
-        """-> (L * H, n_pools) partly filled pages of each (layer, head) and tier."""
-        t, n_t = self.table, len(self.pools)
-        L, H = self.n_layers, self.n_kv_heads
-        entry = t.entries().reshape(L * H, -1)  # (L*H, max_pages)
-        tiers = t.page_tiers.reshape(L * H, -1)
-        size = np.array([p.page_size for p in self.pools])
-        part = entry & (self.arena.fill[t.page_ids.reshape(L * H, -1)] < size[tiers])
-        lh = np.nonzero(part)[0]
-        return np.bincount(lh * n_t + tiers[part], minlength=L * H * n_t).reshape(L * H, n_t)
+        # 3. write the moves: into the free slots of the (layer, head, tier)'s pages, then into new pages (frames
+        # from merging partly filled pages when none is free: _reclaim)
+        for lh, t in sorted(moves):
+            self._write_tokens(*divmod(lh, H), t, moves[(lh, t)])
 
     def _read_page(self, t: int, pid: int, f: int, lh) -> tuple[np.ndarray, np.ndarray]:
         """Best copy of a page's first f tokens: k, v (f, D) float32."""
@@ -592,35 +644,9 @@ class PagedKVCache:
             return k[0, :f], v[0, :f]
         return pool.tier.read_tokens(pool.data, pid, f, lh)
 
-    def _open_page(self, layer: int, h: int, t: int) -> int:
-        """The fullest partly filled page of tier t for (layer, h), or -1."""
-        ids, tiers = self.table.pages(layer, h)
-        P = self.pools[t].page_size
-        best = [(int(self.arena.fill[pid]), int(pid)) for pid, tt in zip(ids, tiers)
-                if tt == t and self.arena.fill[pid] < P]
-        return max(best)[1] if best else -1
-
-    def _collect_partials(self, layer: int, h: int, t: int) -> list:
-        """Read and free every partly filled page of tier t of (layer, h) except the fullest -> their tokens
-        [(k, v, pos, mass)] (best copies)."""
-        pool = self.pools[t]
-        keep = self._open_page(layer, h, t)
-        items = []
-        i = 0
-        while i < self.table.n_pages[layer, h]:
-            pid = int(self.table.page_ids[layer, h, i])
-            f = int(self.arena.fill[pid])
-            if self.table.page_tiers[layer, h, i] != t or pid == keep or f == pool.page_size:
-                i += 1
-                continue
-            k, v = self._read_page(t, pid, f, (layer, h))
-            items.append((k, v, pool.positions[pid, :f].copy(), pool.mass[pid, :f].copy()))
-            pool.free(pid)
-            self.table.remove(layer, h, i)
-        return items
-
     def _write_tokens(self, layer: int, h: int, t: int, items: list) -> None:
-        """Append tokens [(k, v, pos, mass)] to (layer, h)'s open page of tier t, then to new pages."""
+        """Append tokens [(k, v, pos, mass)] to (layer, h)'s fullest partly filled page of tier t, then to new
+        pages (the other partly filled pages only when no frame can be had)."""
         if not items:
             return
         pool = self.pools[t]
@@ -631,12 +657,21 @@ class PagedKVCache:
         mass = np.concatenate([x[3] for x in items])
         order = np.argsort(pos, kind="stable")
         k, v, pos, mass = k[order], v[order], pos[order], mass[order]
-        pid = self._open_page(layer, h, t)
+        ids, tiers = self.table.pages(layer, h)
+        fill = self.arena.fill[ids]
+        part = np.nonzero((tiers == t) & (fill < P))[0]
+        open_ = [int(ids[i]) for i in part[np.argsort(-fill[part], kind="stable")]]  # fullest first
+        pid = open_.pop(0) if open_ else -1
         s = 0
         while s < len(pos):
             if pid < 0 or self.arena.fill[pid] == P:
-                pid = pool.alloc()
-                self.table.push(layer, h, pid, t)
+                # a new page (fresh frame) while one can be had; else the free slots of the other partly filled
+                # pages, which then suffice: the plan fits the arena with tokens packed whole (`_old_frames`)
+                pid = self._alloc(t)
+                if pid >= 0:
+                    self.table.push(layer, h, pid, t)
+                else:
+                    pid = open_.pop(0)
             f = int(self.arena.fill[pid])
             n = min(P - f, len(pos) - s)
             self._write(t, pid, f, k[s : s + n], v[s : s + n], (layer, h))

@@ -37,11 +37,18 @@ def pool_neighbours(lh: np.ndarray, pos: np.ndarray, util: np.ndarray, radius: i
     return res
 
 
-def frames_needed(lh: np.ndarray, tier: np.ndarray, sizes: np.ndarray, n_lh: int) -> int:
-    """Pages the assignment needs: sum over (layer-head, kept tier) of ceil(tokens / page size)."""
-    n_t = len(sizes)
+def tier_counts(lh: np.ndarray, tier: np.ndarray, n_t: int, n_lh: int) -> np.ndarray:
+    """-> (n_lh, n_t) tokens of each (layer-head, kept tier); tier in 1..n_t (n_t + 1 = drop, not counted)."""
     keep = tier <= n_t
-    counts = np.bincount(lh[keep] * n_t + (tier[keep] - 1), minlength=n_lh * n_t).reshape(n_lh, n_t)
+    return np.bincount(lh[keep] * n_t + (tier[keep] - 1), minlength=n_lh * n_t).reshape(n_lh, n_t)
+
+
+def frames_needed(lh: np.ndarray, tier: np.ndarray, sizes: np.ndarray, n_lh: int, base: np.ndarray | None = None) -> int:
+    """Pages the assignment needs: sum over (layer-head, kept tier) of ceil(tokens / page size); base (n_lh,
+    n_t): tokens already placed there besides these."""
+    counts = tier_counts(lh, tier, len(sizes), n_lh)
+    if base is not None:
+        counts = counts + base
     return int(np.ceil(counts / sizes[None, :]).sum())
 
 
@@ -88,17 +95,25 @@ def assign(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, 
     if n == 0:
         return np.zeros(0, np.int64), 0.0
     cost, rate = _costs(lh, cur, util, dist, sizes, n_lh, drop_cost, allow_drop)
+    finite = np.isfinite(cost)
+    top = max(float(np.max(cost[finite])), 1e-12) * float(np.max(sizes)) * 4  # all dropped (or all at the cheapest
+    # tier): fits
+    # tokens with one option (at the cheapest tier when nothing may be dropped) are placed once, not searched
+    fixed = finite.sum(axis=1) == 1
+    out = np.argmax(finite, axis=1) + 1  # (n,) the fixed tokens' only tier
+    base = tier_counts(lh[fixed], out[fixed], len(sizes), n_lh)
+    free = ~fixed
+    lh_f, cost = lh[free], cost[free]
 
     def choose(lam: float) -> np.ndarray:
-        return np.argmin(cost + lam * rate, axis=1) + 1
+        out[free] = np.argmin(cost + lam * rate, axis=1) + 1
+        return out.copy()
 
     def fits(lam: float) -> bool:
-        return frames_needed(lh, choose(lam), sizes, n_lh) <= capacity
+        return frames_needed(lh_f, np.argmin(cost + lam * rate, axis=1) + 1, sizes, n_lh, base) <= capacity
 
     if fits(0.0):
         return choose(0.0), 0.0
-    top = max(float(np.max(cost[np.isfinite(cost)])), 1e-12) * float(np.max(sizes)) * 4  # all dropped (or all at
-    # the cheapest tier): fits
     lo, hi = (hint, hint) if hint and 0 < hint < top else (0.0, top)
     if lo == hi:  # bracket the previous multiplier
         if fits(hi):
