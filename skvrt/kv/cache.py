@@ -40,7 +40,9 @@ OLD = 1  # tier index of the fifo policies' old-token tier, when they have one
 MAX_CHUNK = 512  # largest forward() a compressing policy's dense tier is sized for
 DECODE_AHEAD = 2  # rdr: a search during decode leaves room for this many rounds of departures, which then take
 # their tiers at its multiplier without a search (a search re-reads every old token: ~0.5 s at 4K tokens). Dev
-# text, 10 % budget: a search every round KL 0.0622, 2 rounds ahead 0.0643, 4 ahead 0.0673 (idle frames)
+# text, 10 % budget: a search every round KL 0.0622, 2 rounds ahead 0.0643, 4 ahead 0.0673 (idle frames) --
+# at most AHEAD_SHARE of the arena (snapkv / h2o, whose old tier is dense, would idle a page per head a round)
+AHEAD_SHARE = 1 / 50
 RDR_CHUNK = 64  # prefill chunk of the rdr policies (the dense tier holds one chunk inside the budget; smaller
 # chunks mean more allocation rounds, each re-encoding open pages: 32 measured worse than 64 on the dev text)
 
@@ -254,7 +256,7 @@ class PagedKVCache:
                     # (reserving the next batch's dense page here saves the search when the dense pages fill, but
                     # idles a page per head: WikiText 10 % KL 0.0908 -> 0.0927 for spherical, 0.219 -> 0.232 snapkv)
                     self._round_frames = self._place(leaving, 1, range(self.n_layers), DECODE_AHEAD,
-                                                     self._round_frames)
+                                                     self._round_frames, cap=self._ahead_cap())
                 self.n_old += n_leave
             return
         while self.offset - p.window - p.sinks - self.n_old >= self.batch:
@@ -370,7 +372,8 @@ class PagedKVCache:
             rest = self.n_layers - layer - 1
             self._rebalance({}, reserve_extra=T, reserve_layers=[layer], reserve_frames=self._depart_frames * rest)
         else:
-            self._rebalance({}, reserve_extra=T, reserve_frames=self._round_frames * DECODE_AHEAD)
+            self._rebalance({}, reserve_extra=T, reserve_frames=min(self._round_frames * DECODE_AHEAD,
+                                                                   self._ahead_cap()))
 
     def _old_capacity(self, extra_tokens: int, layers) -> int:
         """Frames the old tiers may use: the arena minus the dense tier's pages and what `extra_tokens` more per
@@ -405,16 +408,22 @@ class PagedKVCache:
         self.allocator_seconds += time.perf_counter() - t0  # the take; _place times the rest
         self._depart_frames = self._place(leaving, T, nxt, self.n_layers - layer - 1, self._depart_frames)
 
-    def _place(self, leaving: dict, reserve_extra: int, reserve_layers, ahead: int, last_frames: int) -> int:
+    def _ahead_cap(self) -> int:
+        """Most frames a decode search leaves free for the next rounds' departures."""
+        return int(self.arena.n_frames * AHEAD_SHARE)
+
+    def _place(self, leaving: dict, reserve_extra: int, reserve_layers, ahead: int, last_frames: int,
+               cap: int | None = None) -> int:
         """Tokens leaving the window ({lh: (k, v, pos, mass)}, out of the dense tier) take their tiers at the last
         search's multiplier (rdr.choose, no search) when their pages fit beside the dense reserve (as in
         `_rebalance`); otherwise, or before the first search, a joint search places them with everything else
-        and also leaves room for `ahead` more such placements. -> the old-tier frames this placement added
-        (last_frames, the previous one's, sizes the room before the first search)."""
+        and also leaves room for `ahead` more such placements (at most `cap` frames; a placement that would leave
+        more than `cap` frames idle searches too). -> the old-tier frames this placement added (last_frames, the
+        previous one's, sizes the room before the first search)."""
         t0 = time.perf_counter()
         if self._lam is None:
             self._rebalance(leaving, reserve_extra=reserve_extra, reserve_layers=reserve_layers,
-                            reserve_frames=last_frames * ahead)
+                            reserve_frames=min(last_frames * ahead, cap if cap is not None else last_frames * ahead))
             return last_frames
         lh = np.concatenate([np.full(len(x[2]), i, np.int64) for i, x in leaving.items()])
         pos = np.concatenate([x[2] for x in leaving.values()])
@@ -425,10 +434,13 @@ class PagedKVCache:
                             self._lam, self.policy.drop_cost, self._allow_drop)
         before = self._old_frames()
         need = self._old_frames(lh, choice) - before
-        if before + need > self._old_capacity(reserve_extra, reserve_layers):
+        room = self._old_capacity(reserve_extra, reserve_layers) - before - need
+        # search when the plan does not fit -- or, with a cap, when a stale multiplier would leave more than `cap`
+        # frames idle (it drops or demotes what the free frames could hold)
+        if room < 0 or (cap is not None and self._lam > 0 and room > cap):
             self.allocator_seconds += time.perf_counter() - t0
             self._rebalance(leaving, reserve_extra=reserve_extra, reserve_layers=reserve_layers,
-                            reserve_frames=need * ahead)
+                            reserve_frames=min(need * ahead, cap if cap is not None else need * ahead))
             return need
         self._apply(lh, cur, pos, mass, choice, {i: x[:3] for i, x in leaving.items()})
         self.allocator_seconds += time.perf_counter() - t0
