@@ -258,6 +258,25 @@ def test_long_decode_holds_the_budget_and_uses_every_tier():
     assert cache.allocator_runs > 0
 
 
+@pytest.mark.parametrize("policy", ["spherical", "snapkv"])
+def test_a_stale_multiplier_does_not_idle_the_budget(policy):
+    """Decode departures take their tiers at the last search's multiplier without a search; when that multiplier
+    is stale (here: far too high, so every departure would be dropped into frames left idle), the round searches
+    instead, and the frames are used again."""
+    cache = make(policy, 0.1, n_ctx=1500)
+    rng = np.random.default_rng(6)
+    while not cache._lam and cache.offset < 1200:  # until the budget binds
+        run_ops(cache, [16], rng)
+    assert cache._lam, "the budget binds"
+    stale = cache._lam * 1e6
+    cache._lam = stale
+    runs = cache.allocator_runs
+    run_ops(cache, [1] * (cache.batch + 1), rng)  # at least one decode round
+    assert cache.allocator_runs > runs and cache._lam < stale
+    idle = cache.arena.n_free + int(cache._waste().sum())
+    assert idle <= cache._ahead_cap() + L * H * len(cache.pools), idle
+
+
 @pytest.mark.parametrize("policy", ["spherical", "h2o"])
 def test_decode_attention_reads_exactly_what_is_held(policy):
     """After compression, the decode path (C and NumPy) equals brute-force attention over the held tokens
