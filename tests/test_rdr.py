@@ -258,16 +258,18 @@ def test_long_decode_holds_the_budget_and_uses_every_tier():
     assert cache.allocator_runs > 0
 
 
-@pytest.mark.parametrize("policy", ["spherical", "snapkv"])
-def test_a_stale_multiplier_does_not_idle_the_budget(policy):
-    """Decode departures take their tiers at the last search's multiplier without a search; when that multiplier
-    is stale (here: far too high, so every departure would be dropped into frames left idle), the round searches
-    instead, and the frames are used again."""
-    cache = make(policy, 0.1, n_ctx=1500)
+@pytest.mark.parametrize("policy,budget", [("spherical", 0.1), ("snapkv", 0.1), ("spherical", 0.2)])
+def test_a_stale_multiplier_does_not_idle_the_budget(policy, budget):
+    """Decode departures take their tiers at the last search's multiplier without a search while nothing may be
+    dropped (spherical at 0.2: keep_if_fits); when that multiplier is stale (here: far too high, so every
+    departure would go to the cheapest tier or be dropped, leaving frames idle), the round searches instead, and
+    the frames are used again. While the allocator may drop, every round searches."""
+    cache = make(policy, budget, n_ctx=1500)
     rng = np.random.default_rng(6)
     while not cache._lam and cache.offset < 1200:  # until the budget binds
         run_ops(cache, [16], rng)
     assert cache._lam, "the budget binds"
+    assert cache._allow_drop == (budget < 0.2)
     stale = cache._lam * 1e6
     cache._lam = stale
     runs = cache.allocator_runs

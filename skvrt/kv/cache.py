@@ -256,7 +256,8 @@ class PagedKVCache:
                     # (reserving the next batch's dense page here saves the search when the dense pages fill, but
                     # idles a page per head: WikiText 10 % KL 0.0908 -> 0.0927 for spherical, 0.219 -> 0.232 snapkv)
                     self._round_frames = self._place(leaving, 1, range(self.n_layers), DECODE_AHEAD,
-                                                     self._round_frames, cap=self._ahead_cap())
+                                                     self._round_frames,
+                                                     cap=0 if self._allow_drop else self._ahead_cap())
                 self.n_old += n_leave
             return
         while self.offset - p.window - p.sinks - self.n_old >= self.batch:
@@ -366,14 +367,13 @@ class PagedKVCache:
         need = self._dense_new_pages(T, layers)
         if self.arena.n_free >= need:
             return
-        if self.arena.n_free + int(self._waste().sum()) >= need:  # merging partly filled pages frees enough
-            self._reclaim(need)
+        if not self._allow_drop and self.arena.n_free + int(self._waste().sum()) >= need:
+            self._reclaim(need)  # merging partly filled pages frees enough (dropping regime: a search decides)
         elif T > 1:
             rest = self.n_layers - layer - 1
             self._rebalance({}, reserve_extra=T, reserve_layers=[layer], reserve_frames=self._depart_frames * rest)
         else:
-            self._rebalance({}, reserve_extra=T, reserve_frames=min(self._round_frames * DECODE_AHEAD,
-                                                                   self._ahead_cap()))
+            self._rebalance({}, reserve_extra=T, reserve_frames=self._ahead_frames())
 
     def _old_capacity(self, extra_tokens: int, layers) -> int:
         """Frames the old tiers may use: the arena minus the dense tier's pages and what `extra_tokens` more per
@@ -412,6 +412,11 @@ class PagedKVCache:
         """Most frames a decode search leaves free for the next rounds' departures."""
         return int(self.arena.n_frames * AHEAD_SHARE)
 
+    def _ahead_frames(self) -> int:
+        """Frames a decode search leaves free for the next DECODE_AHEAD rounds' departures: none while the
+        allocator may drop (drops cannot be undone, so every round searches then)."""
+        return 0 if self._allow_drop else min(self._round_frames * DECODE_AHEAD, self._ahead_cap())
+
     def _place(self, leaving: dict, reserve_extra: int, reserve_layers, ahead: int, last_frames: int,
                cap: int | None = None) -> int:
         """Tokens leaving the window ({lh: (k, v, pos, mass)}, out of the dense tier) take their tiers at the last
@@ -435,9 +440,10 @@ class PagedKVCache:
         before = self._old_frames()
         need = self._old_frames(lh, choice) - before
         room = self._old_capacity(reserve_extra, reserve_layers) - before - need
-        # search when the plan does not fit -- or, with a cap, when a stale multiplier would leave more than `cap`
-        # frames idle (it drops or demotes what the free frames could hold)
-        if room < 0 or (cap is not None and self._lam > 0 and room > cap):
+        # search when the plan does not fit -- or, for decode rounds (cap given): when the allocator may drop (a
+        # drop cannot be undone: decided by a fresh search, not a stale multiplier), or when a stale multiplier would
+        # leave more than `cap` frames idle (it demotes what the free frames could hold)
+        if room < 0 or (cap is not None and (self._allow_drop or (self._lam > 0 and room > cap))):
             self.allocator_seconds += time.perf_counter() - t0
             self._rebalance(leaving, reserve_extra=reserve_extra, reserve_layers=reserve_layers,
                             reserve_frames=min(need * ahead, cap if cap is not None else need * ahead))
