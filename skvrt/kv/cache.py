@@ -427,8 +427,8 @@ class PagedKVCache:
         previous one's, sizes the room before the first search)."""
         t0 = time.perf_counter()
         if self._lam is None:
-            self._rebalance(leaving, reserve_extra=reserve_extra, reserve_layers=reserve_layers,
-                            reserve_frames=min(last_frames * ahead, cap if cap is not None else last_frames * ahead))
+            reserve = last_frames * ahead if cap is None else min(last_frames * ahead, cap)
+            self._rebalance(leaving, reserve_extra=reserve_extra, reserve_layers=reserve_layers, reserve_frames=reserve)
             return last_frames
         lh = np.concatenate([np.full(len(x[2]), i, np.int64) for i, x in leaving.items()])
         pos = np.concatenate([x[2] for x in leaving.values()])
@@ -445,8 +445,8 @@ class PagedKVCache:
         # leave more than `cap` frames idle (it demotes what the free frames could hold)
         if room < 0 or (cap is not None and (self._allow_drop or (self._lam > 0 and room > cap))):
             self.allocator_seconds += time.perf_counter() - t0
-            self._rebalance(leaving, reserve_extra=reserve_extra, reserve_layers=reserve_layers,
-                            reserve_frames=min(need * ahead, cap if cap is not None else need * ahead))
+            reserve = need * ahead if cap is None else min(need * ahead, cap)
+            self._rebalance(leaving, reserve_extra=reserve_extra, reserve_layers=reserve_layers, reserve_frames=reserve)
             return need
         self._apply(lh, cur, pos, mass, choice, {i: x[:3] for i, x in leaving.items()})
         self.allocator_seconds += time.perf_counter() - t0
@@ -645,8 +645,8 @@ class PagedKVCache:
                     continue
                 sel = c == tgt
                 moves.setdefault((lh, int(tgt)), []).append((k[sel], v[sel], p[sel], m[sel].astype(np.float32)))
-        # 3. write the moves: into the free slots of the (layer, head, tier)'s pages, then into new pages (frames
-        # from merging partly filled pages when none is free: _reclaim)
+        # 3. write the moves: into the fullest partly filled page of their (layer, head, tier), then into new pages
+        # (frames from merging partly filled pages when none is free: _reclaim)
         for lh, t in sorted(moves):
             self._write_tokens(*divmod(lh, H), t, moves[(lh, t)])
 
@@ -688,8 +688,10 @@ class PagedKVCache:
                 pid = self._alloc(t)
                 if pid >= 0:
                     self.table.push(layer, h, pid, t)
-                else:
+                elif open_:
                     pid = open_.pop(0)
+                else:
+                    raise ContextOverflowError("KV budget allocator could not place tokens (internal error)")
             f = int(self.arena.fill[pid])
             n = min(P - f, len(pos) - s)
             self._write(t, pid, f, k[s : s + n], v[s : s + n], (layer, h))
