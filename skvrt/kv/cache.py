@@ -437,8 +437,8 @@ class PagedKVCache:
         util = rdr.pool_neighbours(lh, pos, self.utilities(pos, mass, lh // self.n_kv_heads))
         choice = rdr.choose(lh, cur, util, self._distortion(), self._old_sizes, self.n_layers * self.n_kv_heads,
                             self._lam, self.policy.drop_cost, self._allow_drop)
-        before = self._old_frames()
-        need = self._old_frames(lh, choice) - before
+        before, after = self._old_frames(lh, choice)
+        need = after - before
         room = self._old_capacity(reserve_extra, reserve_layers) - before - need
         # search when the plan does not fit -- or, for decode rounds (cap given): when the allocator may drop (a
         # drop cannot be undone: decided by a fresh search, not a stale multiplier), or when a stale multiplier would
@@ -463,13 +463,12 @@ class PagedKVCache:
         tokens = np.bincount(key, weights=fill, minlength=L * H * n_t).reshape(L * H, n_t).astype(np.int64)
         return pages, tokens
 
-    def _old_frames(self, lh: np.ndarray | None = None, tier: np.ndarray | None = None) -> int:
-        """Frames the old tiers' tokens take packed whole (what rdr.assign counts), with tokens (lh, tier)
-        (tiers 1..; drop = len(pools)) added when given."""
+    def _old_frames(self, lh: np.ndarray, tier: np.ndarray) -> tuple[int, int]:
+        """-> frames the old tiers' tokens take packed whole (what rdr.assign counts) now, and with tokens (lh,
+        tier) (tiers 1..; drop = len(pools)) added."""
         tokens = self._tier_tokens()[1][:, 1:]
-        if lh is not None:
-            tokens = tokens + rdr.tier_counts(lh, tier, len(self.pools) - 1, len(tokens))
-        return int(np.ceil(tokens / self._old_sizes[None, :]).sum())
+        added = tokens + rdr.tier_counts(lh, tier, len(self.pools) - 1, len(tokens))
+        return tuple(int(np.ceil(x / self._old_sizes[None, :]).sum()) for x in (tokens, added))
 
     def _waste(self) -> np.ndarray:
         """-> (L * H, n_pools) frames each (layer, head) and old tier could free by merging its partly filled
