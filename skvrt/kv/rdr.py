@@ -105,12 +105,15 @@ def assign(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, 
     free = ~fixed
     lh_f, cost = lh[free], cost[free]
 
+    def pick(lam: float) -> np.ndarray:  # the searched tokens' tiers
+        return np.argmin(cost + lam * rate, axis=1) + 1
+
     def choose(lam: float) -> np.ndarray:
-        out[free] = np.argmin(cost + lam * rate, axis=1) + 1
+        out[free] = pick(lam)
         return out.copy()
 
     def fits(lam: float) -> bool:
-        return frames_needed(lh_f, np.argmin(cost + lam * rate, axis=1) + 1, sizes, n_lh, base) <= capacity
+        return frames_needed(lh_f, pick(lam), sizes, n_lh, base) <= capacity
 
     if fits(0.0):
         return choose(0.0), 0.0
