@@ -60,7 +60,7 @@ def main() -> None:
              f"{n_ctx} = {cache.budget:,} bytes ({cache.arena.n_frames} pages of {cache.arena.frame_bytes + 4} B)",
              "", f"`{' '.join(sys.argv)}`, {time.strftime('%Y-%m-%d')}, 1 thread", "",
              "| tokens | pages used / total | bytes used | " +
-             " | ".join(f"{p.tier.name} tokens" for p in cache.pools) +
+             " | ".join(f"{p.label} tokens" for p in cache.pools) +
              " | allocator runs | allocator s | decode ms/step (last block) |",
              "|---:|---:|---:|" + "---:|" * len(cache.pools) + "---:|---:|---:|"]
     print("\n".join(lines), flush=True)

@@ -155,10 +155,14 @@ def random_keys(rng, n):
     return np.concatenate([rad * np.cos(ang), rad * np.sin(ang)], axis=1).astype(np.float32)
 
 
-def make(policy, budget, n_ctx=600, window=8, sinks=2, use_c=True, seed=0, **opts):
+LADDER = "192:4,96:4,48:2"
+DENSE_LADDER = "dense," + LADDER  # old tokens may also stay dense (pool 1)
+
+
+def make(policy, budget, n_ctx=600, window=8, sinks=2, use_c=True, seed=0, ladder=LADDER, **opts):
     rng = np.random.default_rng(seed)
     pol = make_policy(policy, sinks=sinks, window=window, budget=budget, calibration=calibration(rng),
-                      ladder="192:4,96:4,48:2", kv_dtype="float32", **opts)
+                      ladder=ladder, kv_dtype="float32", **opts)
     cache = PagedKVCache(L, H, D, n_ctx=n_ctx, kv_dtype="float32", page_size=16, policy=pol)
     cache.use_c = use_c and cache.use_c
     return cache
@@ -235,11 +239,13 @@ def check_dense_released(cache, layer, T):
         assert (tier == DENSE).sum() <= limit, "a layer kept its chunk dense"
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.sampled_from(["spherical", "snapkv", "h2o"]), st.lists(st.integers(1, 64), min_size=1, max_size=14),
-       st.sampled_from([0.1, 0.15, 0.25]), st.integers(0, 2**31 - 1))
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["spherical", "spherical-dense", "snapkv", "h2o"]),
+       st.lists(st.integers(1, 64), min_size=1, max_size=14), st.sampled_from([0.1, 0.15, 0.25, 0.5]),
+       st.integers(0, 2**31 - 1))
 def test_budgeted_policies_keep_their_invariants(policy, ops, budget, seed):
-    cache = make(policy, budget, n_ctx=1500)  # budgets of 0.1-0.25 x 1500 tokens: ops fill past them
+    # budgets of 0.1-0.5 x 1500 tokens: ops fill past them; spherical-dense: the ladder with a dense old tier
+    cache = make(policy.split("-")[0], budget, n_ctx=1500, ladder=DENSE_LADDER if "dense" in policy else LADDER)
     run_ops(cache, ops, np.random.default_rng(seed))
     cache.reset()
     assert sum(pool.n_used for pool in cache.pools) == 0 and cache.arena.n_free == cache.arena.n_frames
@@ -279,11 +285,12 @@ def test_a_stale_multiplier_does_not_idle_the_budget(policy, budget):
     assert idle <= cache._ahead_cap() + L * H * len(cache.pools), idle
 
 
-@pytest.mark.parametrize("policy", ["spherical", "h2o"])
-def test_decode_attention_reads_exactly_what_is_held(policy):
+@pytest.mark.parametrize("policy,budget,ladder", [("spherical", 0.1, LADDER), ("h2o", 0.1, LADDER),
+                                                  ("spherical", 0.3, DENSE_LADDER)])
+def test_decode_attention_reads_exactly_what_is_held(policy, budget, ladder):
     """After compression, the decode path (C and NumPy) equals brute-force attention over the held tokens
     as their tiers reconstruct them; dropped tokens contribute nothing."""
-    cache = make(policy, 0.1, n_ctx=1500)
+    cache = make(policy, budget, n_ctx=1500, ladder=ladder)
     rng = np.random.default_rng(2)
     run_ops(cache, [40, 40, 40, 30, 1, 1, 1], rng)
     q = rng.normal(size=(H * 3, 1, D)).astype(np.float32)
@@ -401,3 +408,23 @@ def test_budget_syntax_and_minimum():
         with pytest.raises(InputError, match="|".join(bad)):
             make("spherical", 0.25, **bad)
     assert make("spherical", 0.25, keep_if_fits="off").policy.keep_if_fits is False
+
+
+def test_ladder_with_a_dense_old_tier():
+    """`dense` first in the ladder: old tokens may stay dense (distortion 0) in their own pool, in frames sized by
+    the richest coded tier; stats name the two dense pools apart; dense elsewhere in the ladder is refused."""
+    coded, mixed = make("spherical", 0.5, n_ctx=1500), make("spherical", 0.5, n_ctx=1500, ladder=DENSE_LADDER)
+    assert mixed.arena.frame_bytes == coded.arena.frame_bytes
+    assert [type(p.tier).__name__ for p in mixed.pools] == ["DenseTier", "DenseTier", "AdaTier", "AdaTier", "AdaTier"]
+    assert mixed.pools[1].page_size == mixed.pools[DENSE].page_size
+    d = mixed._distortion()
+    assert (d[:, 0] == 0).all() and np.allclose(d[:, 1:], coded._distortion())
+    run_ops(mixed, [64] * 12, np.random.default_rng(3))
+    st_ = mixed.stats(per_head=True)
+    assert list(st_["pages_by_tier"]) == [p.label for p in mixed.pools] and len(set(st_["pages_by_tier"])) == 5
+    assert mixed.pools[1].label == "old-" + mixed.pools[DENSE].label
+    assert st_["tokens_by_tier"][mixed.pools[1].label] > 0, "at half the fp16 bytes some old tokens stay dense"
+    assert sum(st_["pages_by_tier"].values()) == st_["pages_used"]
+    for bad in ("192:4,dense", "dense,dense,96:4", "dense:4", "192:3"):
+        with pytest.raises(InputError, match="bad ladder"):
+            make("spherical", 0.25, ladder=bad)

@@ -15,6 +15,8 @@ from .tiers import DenseTier, QuantTier
 
 # ADA tiers of the spherical policy's ladder: (key bits per token per head, value bits), richest first
 from ..calibrate import DEFAULT_LADDER
+DENSE_STEP = "dense"  # a ladder step that keeps old tokens dense (distortion 0, ~3.4x the bytes of ada256-v4)
+SPHERICAL_LADDER = (DENSE_STEP, *DEFAULT_LADDER)  # the spherical policy's default old-token tiers
 LADDER_V_GROUP = 64
 RDR_WINDOW = 32  # default recent window of the budgeted policies
 SPHERICAL_DROP_COST = 2.0  # distortion of dropping a token, relative to its whole contribution (rdr.assign);
@@ -35,26 +37,34 @@ KV_POLICIES = {
               "the decode steps since (a mean per observing query), the rest dropped",
     "h2o": "H2O-like eviction under --kv-budget: tokens kept at dense precision by accumulated attention "
            "(prefill observation window + every decode step), the rest dropped",
-    "spherical": "Spherical KV (ADA + RDR) under --kv-budget: each token outside sinks + window gets an ADA tier "
-                 "(ladder=256:4,192:2,128:2 key:value bits) or is dropped, by attention utility x calibrated "
-                 "distortion, jointly over layers and heads; needs `skvrt calibrate`",
+    "spherical": "Spherical KV (ADA + RDR) under --kv-budget: each token outside sinks + window stays dense, gets "
+                 "an ADA tier or is dropped (ladder=dense,256:4,192:2,128:2: key:value bits), by attention utility "
+                 "x calibrated distortion, jointly over layers and heads; needs `skvrt calibrate`",
 }
 BUDGETED = ("snapkv", "h2o", "spherical")
 
 
-def parse_ladder(ladder) -> tuple[tuple[int, int], ...]:
-    """'256:4,192:2,128:2' (or a sequence of pairs) -> ((256, 4), (192, 2), (128, 2))."""
+def parse_ladder(ladder) -> tuple:
+    """'dense,256:4,192:2,128:2' (or a sequence of "dense" / pairs) -> ("dense", (256, 4), (192, 2), (128, 2)):
+    the old-token tiers, richest first; "dense" (the cache's dense dtype, distortion 0) may only come first."""
     if ladder is None:
-        return DEFAULT_LADDER
+        return SPHERICAL_LADDER
     try:
         if isinstance(ladder, str):
-            ladder = [tuple(int(x) for x in part.split(":")) for part in ladder.split(",") if part]
-        out = tuple((int(kb), int(vb)) for kb, vb in ladder)
+            ladder = [part.strip() for part in ladder.split(",") if part.strip()]
+        out = tuple(s if s == DENSE_STEP else tuple(int(x) for x in (s.split(":") if isinstance(s, str) else s))
+                    for s in ladder)
+        ada = [s for s in out if s != DENSE_STEP]
+        bad = any(len(s) != 2 for s in ada)
     except (ValueError, TypeError):
-        raise InputError(f"bad ladder {ladder!r}: use key_bits:value_bits pairs, richest first, e.g. "
-                         f"256:4,192:2,128:2") from None
-    if not out or any(kb % 8 or kb <= 0 or vb not in (2, 4, 8) for kb, vb in out):
+        bad = True
+    if bad:
+        raise InputError(f"bad ladder {ladder!r}: use dense and key_bits:value_bits pairs, richest first, e.g. "
+                         f"dense,256:4,192:2,128:2") from None
+    if not out or any(kb % 8 or kb <= 0 or vb not in (2, 4, 8) for kb, vb in ada):
         raise InputError(f"bad ladder {ladder!r}: key bits multiples of 8, value bits 2, 4 or 8")
+    if DENSE_STEP in out[1:]:
+        raise InputError(f"bad ladder {ladder!r}: dense can only be the first (richest) tier")
     return out
 
 
@@ -116,18 +126,28 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
         if (drop_cost is not None and not float(drop_cost) > 0) or (util_floor is not None and not float(util_floor) >= 0):
             raise InputError(f"drop_cost must be > 0 and util_floor >= 0 (got {drop_cost}, {util_floor})")
         steps = parse_ladder(ladder)
+        dense = steps[0] == DENSE_STEP
+        ada_steps = steps[1:] if dense else steps
         max_bits = 12 * calibration.q_sq.shape[-1] // 2
-        if any(kb > max_bits for kb, _ in steps):
+        if any(kb > max_bits for kb, _ in ada_steps):
             raise InputError(f"ladder key bits must be <= {max_bits}")
-        tiers = tuple(AdaTier(allocate_bits(calibration.pair_weight, kb), vb, LADDER_V_GROUP) for kb, vb in steps)
+        ada_tiers = tuple(AdaTier(allocate_bits(calibration.pair_weight, kb), vb, LADDER_V_GROUP)
+                          for kb, vb in ada_steps)
         if distortion not in ("measured", "proxy"):
             raise InputError(f"distortion must be measured (the sidecar's, when it has this ladder) or proxy")
-        measured = calibration.distortion(steps, LADDER_V_GROUP) if distortion == "measured" else None
-        if measured is None and distortion == "measured":
+        measured = (calibration.distortion(ada_steps, LADDER_V_GROUP) if distortion == "measured" and ada_steps
+                    else None)
+        if measured is None and distortion == "measured" and ada_steps:
             print(f"skvrt: the calibration sidecar has no measured distortion for every tier of the ladder "
-                  f"{','.join(f'{kb}:{vb}' for kb, vb in steps)}; spherical uses the proxy estimate (run "
+                  f"{','.join(f'{kb}:{vb}' for kb, vb in ada_steps)}; spherical uses the proxy estimate (run "
                   f"`skvrt calibrate` to measure them)", file=sys.stderr)
-        dist = measured if measured is not None else proxy_distortion(calibration, tiers)
+        L, H = calibration.q_sq.shape[:2]
+        dist = (measured if measured is not None else proxy_distortion(calibration, ada_tiers) if ada_tiers
+                else np.zeros((L, H, 0)))
+        tiers = ada_tiers
+        if dense:  # old tokens kept dense: the fp16 copy's error is negligible next to any code's (distortion 0)
+            tiers = (DenseTier(kv_dtype), *ada_tiers)
+            dist = np.concatenate([np.zeros((L, H, 1)), dist], axis=-1)
         return Policy("spherical", old_tiers=tiers, allocator="rdr", utility="mean", distortion=dist, obs=obs,
                       drop_cost=float(drop_cost if drop_cost is not None else SPHERICAL_DROP_COST),
                       util_floor=float(util_floor if util_floor is not None else SPHERICAL_UTIL_FLOOR),

@@ -121,9 +121,11 @@ class PagedKVCache:
         D = head_dim
         self.track_mass = policy.allocator == "rdr"
         tiers = [DenseTier(kv_dtype), *policy.old_tiers]
-        # one frame = one page of the richest old tier at P tokens (of the dense tier without old tiers); the
-        # other tiers' pages hold as many tokens as fit a frame (fifo old tiers: exactly P, whole batches)
-        frame = max(layout.page_bytes(t, P, D, self.track_mass) for t in (policy.old_tiers or tiers[:1]))
+        # one frame = one page of the richest coded old tier at P tokens (of the dense tier without coded old
+        # tiers); the other tiers' pages hold as many tokens as fit a frame (fifo old tiers: exactly P, whole
+        # batches) -- a dense old tier beside coded ones (spherical's ladder) gets a coded tier's frame
+        coded = [t for t in policy.old_tiers if not isinstance(t, DenseTier)]
+        frame = max(layout.page_bytes(t, P, D, self.track_mass) for t in (coded or policy.old_tiers or tiers[:1]))
         sizes = [layout.tokens_per_frame(t, frame, D, self.track_mass) for t in tiers]
         if policy.allocator == "fifo":
             sizes[1:] = [P] * (len(tiers) - 1)
@@ -843,8 +845,8 @@ class PagedKVCache:
             "n_ctx": self.n_ctx,
             "pages_used": sum(p.n_used for p in self.pools),
             "pages_total": self.arena.n_frames,
-            "pages_by_tier": {p.tier.name: p.n_used for p in self.pools},
-            "page_tokens_by_tier": {p.tier.name: p.page_size for p in self.pools},
+            "pages_by_tier": {p.label: p.n_used for p in self.pools},
+            "page_tokens_by_tier": {p.label: p.page_size for p in self.pools},
             "bytes_used": used,
             "bytes_pool": self.arena.nbytes,
             "budget": self.budget,
@@ -856,12 +858,12 @@ class PagedKVCache:
         if per_head:
             L, H = self.n_layers, self.n_kv_heads
             out["bytes_per_head"] = (self.table.n_pages.astype(np.int64) * page).tolist()
-            tok = {p.tier.name: 0 for p in self.pools}
+            tok = {p.label: 0 for p in self.pools}
             for layer in range(L):
                 for h in range(H):
                     ids, tiers = self.table.pages(layer, h)
                     for pid, t in zip(ids, tiers):
-                        tok[self.pools[t].tier.name] += int(self.arena.fill[pid])
+                        tok[self.pools[t].label] += int(self.arena.fill[pid])
             out["tokens_by_tier"] = tok
         return out
 

@@ -75,6 +75,8 @@ class TierPool:
             raise ValueError(f"a {tier.name} page of {page_size} tokens ({nbytes} B) does not fit a "
                              f"{arena.frame_bytes} B frame")
         self.arena, self.index = arena, index
+        # what stats call the pool: its tier's name; "old-" + it for an old-token tier of the window's kind
+        self.label = f"old-{tier.name}" if index > 0 and isinstance(tier, DenseTier) else tier.name
         self.n_pages = arena.n_frames  # page ids range over every frame
         self.stride = arena.frame_bytes  # bytes from page p to page p + 1 in every array of `data`
         self.data: dict[str, np.ndarray] = {}
