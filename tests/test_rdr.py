@@ -428,3 +428,20 @@ def test_ladder_with_a_dense_old_tier():
     for bad in ("192:4,dense", "dense,dense,96:4", "dense:4", "192:3"):
         with pytest.raises(InputError, match="bad ladder"):
             make("spherical", 0.25, ladder=bad)
+
+
+def test_default_ladder_keeps_old_tokens_dense_only_when_the_budget_has_room():
+    """The default ladder's dense step is left out unless the budget holds the whole context at the richest coded
+    tier (below that it only holds tokens while the budget is loose); an explicit `dense` is always kept."""
+    def pools(budget, ladder=None):
+        return [p.label for p in make("spherical", budget, n_ctx=1500, ladder=ladder).pools]
+
+    coded = ["dense-float32", "ada256-v4", "ada192-v2", "ada128-v2"]
+    assert pools(0.25) == pools(0.3) == coded
+    assert pools(0.5) == pools(0.8) == [coded[0], "old-dense-float32", *coded[1:]]
+    assert pools(0.25, "dense," + ",".join(x.split("ada")[1].replace("-v", ":") for x in coded[1:])) == pools(0.5)
+    rich = make("spherical", 0.5, n_ctx=1500, ladder=None)
+    assert rich.policy.distortion.shape[-1] == len(rich.pools) - 1
+    lean = make("spherical", 0.25, n_ctx=1500, ladder=None)
+    assert lean.policy.distortion.shape[-1] == len(lean.pools) - 1 and lean.policy.old_tiers[0].key_bits == 256
+    run_ops(lean, [64] * 6, np.random.default_rng(4))

@@ -69,6 +69,9 @@ class Policy:
     # drop nothing while every token fits there (PagedKVCache.keeps_all, rdr.all_fit_cheapest)
     util_floor: float = 0.0  # rdr: utility every token has whatever attention it got, as a fraction of a uniform
     # share (1 / tokens in context): a future query may retrieve a token no query has looked at yet
+    dense_when_room: bool = False  # rdr: a leading dense old tier is kept only when the budget holds the whole
+    # context (n_ctx) at the richest coded tier; below that it would only hold tokens while the budget is loose
+    # early on, then be demoted from (dev: KL level, allocator work doubled) -- the cache leaves it out
 
     @property
     def old_tier(self):
@@ -158,6 +161,11 @@ class PagedKVCache:
                           math.ceil((policy.sinks + policy.window + self.batch + self.max_chunk) / Pd) + 2)
             old_need = math.ceil(n_ctx / sizes[OLD]) if policy.old_tiers and not policy.keep_all else 0
             n_frames = heads * (dense_need + old_need)
+        if (policy.dense_when_room and policy.budget is not None and len(tiers) > 2 and isinstance(tiers[1], DenseTier)
+                and n_frames < heads * (n_ctx / sizes[2] + (policy.sinks + policy.window + self.batch / 2) / Pd)):
+            dist = policy.distortion[..., 1:] if policy.distortion is not None else None
+            policy = self.policy = dataclasses.replace(policy, old_tiers=policy.old_tiers[1:], distortion=dist)
+            tiers, sizes = [tiers[0], *tiers[2:]], [sizes[0], *sizes[2:]]
         self.arena = FrameArena(n_frames, frame)
         self.pools: list[TierPool] = [TierPool(t, page_size=sz, head_dim=D, arena=self.arena, index=i,
                                                track_mass=self.track_mass) for i, (t, sz) in enumerate(zip(tiers, sizes))]
