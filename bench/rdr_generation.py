@@ -75,7 +75,7 @@ def main() -> None:
             ms = (time.perf_counter() - t_block) / (step % a.every or a.every) * 1e3
             s = cache.stats(per_head=True)
             row = (f"| {s['tokens']} | {s['pages_used']} / {s['pages_total']} | {s['bytes_used']:,} | " +
-                   " | ".join(str(s["tokens_by_tier"][p.tier.name]) for p in cache.pools) +
+                   " | ".join(str(s["tokens_by_tier"][p.label]) for p in cache.pools) +
                    f" | {cache.allocator_runs} | {cache.allocator_seconds:.1f} | {ms:.1f} |")
             print(row, flush=True)
             lines.append(row)
