@@ -17,9 +17,9 @@ one H200), `--dry-run` anywhere (the same code paths on the CPU CUDA emulator at
    over the arena; for `full` (dense float16 pages), `ada` (the ADA tier of `--kv-policy ada`'s defaults:
    192 key bits, 4-bit values in groups of 32, after 4 sinks + a 64-token dense window) and `spherical-mix`
    (the ADA tiers of the default RDR ladder, 256:4 / 192:2 / 128:2 with value groups of 64, old tokens split
-   evenly over the three -- a fixed mix, not RDR's choice; no old token kept dense), at each context. One decode step = the 32 layers' split-K
-   partial + combine kernels, captured in a CUDA graph and replayed (eager launches if capture fails, said
-   in the table). Achieved HBM bandwidth = bytes the kernels must read (page payloads: keys / codes, values,
+   evenly over the three -- a fixed mix, not RDR's choice; no old token kept dense), at each context. One
+   decode step = the 32 layers' split-K partial + combine kernels, captured in a CUDA graph and replayed
+   (eager launches if capture fails, said in the table). Achieved HBM bandwidth = bytes the kernels must read (page payloads: keys / codes, values,
    scales, frames; not the tables) / time.
 3. Benchmark of the whole model's decode (bench_model): Llama-3-8B-shaped random float16 weights (made on the
    device), batch 1, a synthetic KV cache of each context laid out as `full` / `ada` hold it, each timed step

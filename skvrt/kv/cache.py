@@ -161,8 +161,12 @@ class PagedKVCache:
                           math.ceil((policy.sinks + policy.window + self.batch + self.max_chunk) / Pd) + 2)
             old_need = math.ceil(n_ctx / sizes[OLD]) if policy.old_tiers and not policy.keep_all else 0
             n_frames = heads * (dense_need + old_need)
+        def holds_context(tokens_per_page: int) -> bool:  # the arena holds n_ctx old tokens at this page size beside
+            # the dense tier (sinks + window + half a batch per head on average; an estimate)
+            return n_frames >= heads * (n_ctx / tokens_per_page + (policy.sinks + policy.window + self.batch / 2) / Pd)
+
         if (policy.dense_when_room and policy.budget is not None and len(tiers) > 2 and isinstance(tiers[1], DenseTier)
-                and n_frames < heads * (n_ctx / sizes[2] + (policy.sinks + policy.window + self.batch / 2) / Pd)):
+                and not holds_context(sizes[2])):
             dist = policy.distortion[..., 1:] if policy.distortion is not None else None
             policy = self.policy = dataclasses.replace(policy, old_tiers=policy.old_tiers[1:], distortion=dist)
             tiers, sizes = [tiers[0], *tiers[2:]], [sizes[0], *sizes[2:]]
@@ -194,8 +198,7 @@ class PagedKVCache:
         # window + half a batch per head on average), so the allocator need not drop (an estimate: each search
         # checks what the arena holds, rdr.all_fit_cheapest in _rebalance)
         self.keeps_all = bool(policy.keep_if_fits and policy.budget is not None and policy.old_tiers and
-                              n_frames >= heads * (n_ctx / sizes[-1] +
-                                                   (policy.sinks + policy.window + self.batch / 2) / Pd))
+                              holds_context(sizes[-1]))
         self._old_sizes = np.array([q.page_size for q in self.pools[1:]])  # tokens per page of each old tier
         self.allocator_seconds = 0.0  # time spent in rdr.assign + applying its plans (reported by bench)
         self.allocator_runs = 0
