@@ -199,7 +199,8 @@ class PagedKVCache:
         # checks what the arena holds, rdr.all_fit_cheapest in _rebalance)
         self.keeps_all = bool(policy.keep_if_fits and policy.budget is not None and policy.old_tiers and
                               holds_context(sizes[-1]))
-        self._old_sizes = np.array([q.page_size for q in self.pools[1:]])  # tokens per page of each old tier
+        self._sizes = np.array([q.page_size for q in self.pools])  # tokens per page of each pool
+        self._old_sizes = self._sizes[1:]  # of each old tier
         self.allocator_seconds = 0.0  # time spent in rdr.assign + applying its plans (reported by bench)
         self.allocator_runs = 0
 
@@ -439,10 +440,14 @@ class PagedKVCache:
         more than `cap` frames idle searches too). -> the old-tier frames this placement added (last_frames, the
         previous one's, sizes the room before the first search)."""
         t0 = time.perf_counter()
-        if self._lam is None:
-            reserve = last_frames * ahead if cap is None else min(last_frames * ahead, cap)
+
+        def search(frames: int) -> int:  # a joint search that leaves room for `ahead` placements of `frames`
+            reserve = frames * ahead if cap is None else min(frames * ahead, cap)
             self._rebalance(leaving, reserve_extra=reserve_extra, reserve_layers=reserve_layers, reserve_frames=reserve)
-            return last_frames
+            return frames
+
+        if self._lam is None:
+            return search(last_frames)
         lh = np.concatenate([np.full(len(x[2]), i, np.int64) for i, x in leaving.items()])
         pos = np.concatenate([x[2] for x in leaving.values()])
         mass = np.concatenate([x[3] if x[3] is not None else np.zeros(len(x[2])) for x in leaving.values()])
@@ -458,9 +463,7 @@ class PagedKVCache:
         # leave more than `cap` frames idle (it demotes what the free frames could hold)
         if room < 0 or (cap is not None and (self._allow_drop or (self._lam > 0 and room > cap))):
             self.allocator_seconds += time.perf_counter() - t0
-            reserve = need * ahead if cap is None else min(need * ahead, cap)
-            self._rebalance(leaving, reserve_extra=reserve_extra, reserve_layers=reserve_layers, reserve_frames=reserve)
-            return need
+            return search(need)
         self._apply(lh, cur, pos, mass, choice, {i: x[:3] for i, x in leaving.items()})
         self.allocator_seconds += time.perf_counter() - t0
         return need
@@ -487,8 +490,7 @@ class PagedKVCache:
         """-> (L * H, n_pools) frames each (layer, head) and old tier could free by merging its partly filled
         pages (pages - ceil(tokens / page size)); 0 for the dense tier."""
         pages, tokens = self._tier_tokens()
-        size = np.array([p.page_size for p in self.pools])
-        w = pages - -(-tokens // size[None, :])
+        w = pages - -(-tokens // self._sizes[None, :])
         w[:, DENSE] = 0
         return w
 
