@@ -147,8 +147,9 @@ def _tiers(config: str, shape: Shape, rng) -> tuple[list, list[int], int, list[f
     else:
         old = [AdaTier(allocate_bits(w, kb), vb, LADDER_V_GROUP) for kb, vb in DEFAULT_LADDER]
         mass = True  # RDR pages carry the slot mass field
-    frame = max(layout.page_bytes(t, P, D, mass) for t in old)
-    sizes = [layout.tokens_per_frame(t, frame, D, mass) for t in [dense, *old]]
+    pd = "int16" if mass else "int32"  # layout.position_dtype of a budgeted cache at a context below 32K
+    frame = max(layout.page_bytes(t, P, D, mass, pd) for t in old)
+    sizes = [layout.tokens_per_frame(t, frame, D, mass, pd) for t in [dense, *old]]
     if config == "ada":
         sizes[1] = P  # fifo: old-tier pages hold exactly P
     return [dense, *old], sizes, frame, [1.0 / len(old)] * len(old)
@@ -279,9 +280,10 @@ def bench_attention(module, xp, shape: Shape, contexts: list[int], configs=("ful
                 if p:
                     fill_h[own.ravel()] = P
                     fill_h[own[..., -1].ravel()] = n - (p - 1) * P  # the last page of each head is partial
-                offs, _ = layout.layout(layout.page_fields(tier, P, D, track), P)
+                pf = layout.page_fields(tier, P, D, track, "int16" if track else "int32")
+                offs, _ = layout.layout(pf, P)
                 fields = {}
-                for name, dt, shp in layout.page_fields(tier, P, D, track):
+                for name, dt, shp in pf:
                     dt = np.dtype(dt)
                     inner = tuple(int(np.prod(shp[i + 1:], dtype=np.int64)) * dt.itemsize for i in range(len(shp)))
                     fields[name] = _strided(xp, buf, offs[name], (N, *shp), dt, (frame, *inner))

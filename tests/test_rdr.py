@@ -445,3 +445,22 @@ def test_default_ladder_keeps_old_tokens_dense_only_when_the_budget_has_room():
     lean = make("spherical", 0.25, n_ctx=1500, ladder=None)
     assert lean.policy.distortion.shape[-1] == len(lean.pools) - 1 and lean.policy.old_tiers[0].key_bits == 256
     run_ops(lean, [64] * 6, np.random.default_rng(4))
+
+
+def test_budgeted_pages_keep_short_positions_only_while_the_context_fits_them():
+    """Budgeted (CPU-only) caches store slot positions as int16 when every position of the context fits, which
+    leaves 2 bytes per token to the codes; longer contexts and the fifo policies (whose pages the CUDA kernels
+    read) keep int32. Both widths hold the same tokens under the same random use."""
+    for n_ctx, want in ((1500, np.int16), (32767, np.int16), (32768, np.int32), (100_000, np.int32)):
+        cache = make("spherical", 0.25, n_ctx=n_ctx)
+        assert {p.positions.dtype for p in cache.pools} == {np.dtype(want)}
+        assert np.iinfo(want).max >= n_ctx - 1, "a position of the context would not fit"
+    wide, short = make("spherical", 0.25, n_ctx=40_000), make("spherical", 0.25, n_ctx=1500)
+    assert short.arena.frame_bytes < wide.arena.frame_bytes  # the same ladder: only the positions shrank
+    assert all(a.page_size >= b.page_size for a, b in zip(short.pools, wide.pools))
+    fifo = PagedKVCache(L, H, D, n_ctx=1500, policy=make_policy("ada", calibration=calibration(np.random.default_rng(0))))
+    assert {p.positions.dtype for p in fifo.pools} == {np.dtype(np.int32)}
+    # the same ops on both widths: every invariant holds (positions read back exactly, never a wrapped one)
+    for cache in (wide, short):
+        history = run_ops(cache, [64] * 8 + [1] * 40, np.random.default_rng(5))
+        assert max(q for (_, _, q), t in history.items() if t != 99) == cache.offset - 1

@@ -123,13 +123,14 @@ class PagedKVCache:
         heads = n_layers * n_kv_heads
         D = head_dim
         self.track_mass = policy.allocator == "rdr"
+        self.pos_dtype = pd = layout.position_dtype(n_ctx, self.track_mass)
         tiers = [DenseTier(kv_dtype), *policy.old_tiers]
         # one frame = one page of the richest coded old tier at P tokens (of the dense tier without coded old
         # tiers); the other tiers' pages hold as many tokens as fit a frame (fifo old tiers: exactly P, whole
         # batches) -- a dense old tier beside coded ones (spherical's ladder) gets a coded tier's frame
         coded = [t for t in policy.old_tiers if not isinstance(t, DenseTier)]
-        frame = max(layout.page_bytes(t, P, D, self.track_mass) for t in (coded or policy.old_tiers or tiers[:1]))
-        sizes = [layout.tokens_per_frame(t, frame, D, self.track_mass) for t in tiers]
+        frame = max(layout.page_bytes(t, P, D, self.track_mass, pd) for t in (coded or policy.old_tiers or tiers[:1]))
+        sizes = [layout.tokens_per_frame(t, frame, D, self.track_mass, pd) for t in tiers]
         if policy.allocator == "fifo":
             sizes[1:] = [P] * (len(tiers) - 1)
             if len(tiers) == 1:
@@ -172,7 +173,8 @@ class PagedKVCache:
             tiers, sizes = [tiers[0], *tiers[2:]], [sizes[0], *sizes[2:]]
         self.arena = FrameArena(n_frames, frame)
         self.pools: list[TierPool] = [TierPool(t, page_size=sz, head_dim=D, arena=self.arena, index=i,
-                                               track_mass=self.track_mass) for i, (t, sz) in enumerate(zip(tiers, sizes))]
+                                               track_mass=self.track_mass, pos_dtype=pd)
+                                       for i, (t, sz) in enumerate(zip(tiers, sizes))]
         max_pages = min(n_frames, sum(math.ceil(n_ctx / sz) + 2 for sz in sizes))
         self.table = PageTable(n_layers, n_kv_heads, max_pages)
         self.offset = 0  # tokens committed (the next token's position)

@@ -13,9 +13,20 @@ FILL_BYTES = 4  # int32 fill count per frame (arena metadata)
 MAX_PAGE_TOKENS = 256  # the kernels' limit on tokens per page
 
 
-def slot_fields(track_mass: bool) -> list[tuple[str, str, tuple]]:
-    """Per-slot metadata every page carries: positions (P,) int32; mass (P,) float32 when tracked."""
-    return [("positions", "int32", ("P",))] + ([("mass", "float32", ("P",))] if track_mass else [])
+SHORT_POSITIONS_MAX_CTX = 32767  # contexts up to this many tokens can keep positions as int16
+
+
+def position_dtype(n_ctx: int, track_mass: bool) -> str:
+    """Dtype of the per-slot positions: int16 for the budgeted (RDR, CPU-only) caches whose context fits it --
+    every byte of a budgeted page is a byte the allocator cannot spend on codes (2 B of ~56 per ada192-v2
+    token) -- int32 otherwise (the CUDA kernels read int32 positions of the fifo policies' pages)."""
+    return "int16" if track_mass and n_ctx <= SHORT_POSITIONS_MAX_CTX else "int32"
+
+
+def slot_fields(track_mass: bool, pos_dtype: str = "int32") -> list[tuple[str, str, tuple]]:
+    """Per-slot metadata every page carries: positions (P,) pos_dtype (position_dtype); mass (P,) float32 when
+    tracked."""
+    return [("positions", pos_dtype, ("P",))] + ([("mass", "float32", ("P",))] if track_mass else [])
 
 
 def _shape(shape: tuple, P: int) -> tuple[int, ...]:
@@ -32,21 +43,21 @@ def layout(fields, P: int) -> tuple[dict[str, int], int]:
     return offsets, -(-o // ALIGN) * ALIGN
 
 
-def page_fields(tier, P: int, D: int, track_mass: bool) -> list[tuple[str, str, tuple]]:
+def page_fields(tier, P: int, D: int, track_mass: bool, pos_dtype: str = "int32") -> list[tuple[str, str, tuple]]:
     """The tier's fields + per-slot metadata, shapes resolved for P tokens."""
-    return [(n, dt, _shape(s, P)) for n, dt, s in [*tier.fields(P, D), *slot_fields(track_mass)]]
+    return [(n, dt, _shape(s, P)) for n, dt, s in [*tier.fields(P, D), *slot_fields(track_mass, pos_dtype)]]
 
 
-def page_bytes(tier, P: int, D: int, track_mass: bool) -> int:
-    return layout(page_fields(tier, P, D, track_mass), P)[1]
+def page_bytes(tier, P: int, D: int, track_mass: bool, pos_dtype: str = "int32") -> int:
+    return layout(page_fields(tier, P, D, track_mass, pos_dtype), P)[1]
 
 
-def tokens_per_frame(tier, frame_bytes: int, D: int, track_mass: bool) -> int:
+def tokens_per_frame(tier, frame_bytes: int, D: int, track_mass: bool, pos_dtype: str = "int32") -> int:
     """Largest P <= MAX_PAGE_TOKENS whose page fits in a frame (0 if not even one token fits)."""
     lo, hi = 0, MAX_PAGE_TOKENS
     while lo < hi:  # page bytes grow with P
         mid = (lo + hi + 1) // 2
-        if page_bytes(tier, mid, D, track_mass) <= frame_bytes:
+        if page_bytes(tier, mid, D, track_mass, pos_dtype) <= frame_bytes:
             lo = mid
         else:
             hi = mid - 1

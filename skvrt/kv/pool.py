@@ -64,10 +64,11 @@ class TierPool:
     TierPool(tier, n_pages, page_size, head_dim) makes a pool with an arena of its own (tests, tools)."""
 
     def __init__(self, tier, n_pages: int = 0, page_size: int = 64, head_dim: int = 64, *,
-                 arena: FrameArena | None = None, index: int = 0, track_mass: bool = False):
+                 arena: FrameArena | None = None, index: int = 0, track_mass: bool = False,
+                 pos_dtype: str = "int32"):
         self.tier, self.page_size, self.head_dim = tier, page_size, head_dim
         self.track_mass = track_mass
-        fields = page_fields(tier, page_size, head_dim, track_mass)
+        fields = page_fields(tier, page_size, head_dim, track_mass, pos_dtype)
         offsets, nbytes = layout(fields, page_size)
         if arena is None:
             arena = FrameArena(n_pages, nbytes)
@@ -85,7 +86,7 @@ class TierPool:
             inner = np.cumprod((1,) + shape[::-1])[:-1][::-1] * dt.itemsize  # C strides inside the page
             self.data[name] = np.ndarray((arena.n_frames, *shape), dt, arena.buf, offsets[name],
                                          (arena.frame_bytes, *map(int, inner)))
-        self.positions = self.data["positions"]  # (N, P) int32
+        self.positions = self.data["positions"]  # (N, P) pos_dtype (int32; int16 in budgeted caches)
         if arena.n_free == arena.n_frames:  # a fresh arena: every slot unused (alloc resets reused frames)
             self.positions[:] = -1
         self.mass = self.data.get("mass")  # (N, P) float32 or None
