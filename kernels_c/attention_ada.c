@@ -39,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "simd.h"
+#include "slot_mass.h"
 #ifdef SKVRT_SIMD
 #define ADA_SIMD 1
 #endif
@@ -769,8 +770,10 @@ typedef struct {
     const uint16_t *frame;             /* ADA: (D/2, 4) float16 */
     const uint8_t *v_codes;            /* ADA: (P, D * vb / 8) uint8 */
     const uint16_t *v_min, *v_scale;   /* ADA: (P, D / vg) float16 */
-    float *mass;                       /* (P,) float32 per page or NULL: += softmax weight summed over G heads */
-    int32_t KB, vb, vg, pad;           /* ADA: key bytes per token, value bits, value group */
+    uint16_t *mass;                    /* (P,) float16 per page or NULL: += softmax weight summed over G heads,
+                                          rounded stochastically (slot_mass.h) with seed mass_seed */
+    int32_t KB, vb, vg;                /* ADA: key bytes per token, value bits, value group */
+    uint32_t mass_seed;                /* the observing query's position (any tier with mass) */
     const uint8_t *angle_bits;         /* ADA: (H, D/2) this layer's field widths */
     const uint8_t *radius_bits;        /* ADA: (H, D/2) */
 } skvrt_tier;
@@ -887,11 +890,11 @@ int skvrt_paged_decode(const float *q, const skvrt_tier *tiers, int n_tiers, con
                 float c[ADA_MAX_G];
                 for (int g = 0; g < G; g++) c[g] = expf(wm[(size_t)pi * G + g] - m[g]) * inv[g];
                 if (T->mass) {
-                    float *ms = (float *)((char *)T->mass + (int64_t)pid * T->stride);
+                    uint16_t *ms = (uint16_t *)((char *)T->mass + (int64_t)pid * T->stride);
                     for (int t = 0; t < f; t++) {
                         float x = 0.f;
                         for (int g = 0; g < G; g++) x += w[(size_t)g * n_tok + tok + t] * c[g];
-                        ms[t] += x;
+                        ms[t] = skvrt_mass_add(ms[t], x, skvrt_mass_key(pid, t, T->mass_seed));
                     }
                 }
                 tok += f;

@@ -13,8 +13,9 @@
  *   page_ids   (H, max_pages)   int32     this layer's page ids per KV head (dense pages only)
  *   n_pages    (H,)             int32
  *   out        (nq, D)          float32
- *   mass       (N, P)           float32   or NULL, page pid's at pid * stride bytes: += the softmax weight
- *                                         of each slot summed over the G query heads (RDR utility)
+ *   mass       (N, P)           float16   or NULL, page pid's at pid * stride bytes: += the softmax weight
+ *                                         of each slot summed over the G query heads (RDR utility), rounded
+ *                                         stochastically with seed `mass_seed` (slot_mass.h)
  * Limits: D % 8 == 0, D <= 256, P <= 256, G <= 16.
  */
 #include <math.h>
@@ -24,6 +25,7 @@
 #include <omp.h>
 #endif
 #include "simd.h"
+#include "slot_mass.h"
 
 #define MAX_D 256
 #define MAX_P 256
@@ -76,7 +78,8 @@ DEF_ROW_OPS(f32, float, CONV_F32)
 #define DEFINE_DENSE_DECODE(SUF, KV_T)                                                                     \
 int skvrt_dense_decode_##SUF(const float *q, const KV_T *k_pool, const KV_T *v_pool, const int32_t *fill, \
                              const int32_t *page_ids, const int32_t *n_pages, int nq, int H, int P, int D, \
-                             int max_pages, int64_t stride, float scale, float *out, float *mass)          \
+                             int max_pages, int64_t stride, float scale, float *out, uint16_t *mass,      \
+                             uint32_t mass_seed)                                                           \
 {                                                                                                           \
     if (D > MAX_D || D % 8 || P > MAX_P || nq % H || nq / H > MAX_G) return -1;                             \
     const int G = nq / H;                                                                                   \
@@ -120,12 +123,12 @@ int skvrt_dense_decode_##SUF(const float *q, const KV_T *k_pool, const KV_T *v_p
         for (int pi = 0; pi < n_pages[h]; pi++) {                                                           \
             const int32_t pid = page_ids[(int64_t)h * max_pages + pi];                                      \
             const KV_T *kp = (const KV_T *)((const char *)k_pool + (int64_t)pid * stride);                  \
-            float *ms = (float *)((char *)mass + (int64_t)pid * stride);                                    \
+            uint16_t *ms = (uint16_t *)((char *)mass + (int64_t)pid * stride);                              \
             for (int t = 0; t < fill[pid]; t++) {                                                           \
                 float x = 0.f;                                                                              \
                 for (int g = 0; g < G; g++)                                                                 \
                     x += expf(dot_##SUF(qh + g * D, kp + (int64_t)t * D, D) * scale - m[g]) / l[g];         \
-                ms[t] += x;                                                                                 \
+                ms[t] = skvrt_mass_add(ms[t], x, skvrt_mass_key(pid, t, mass_seed));                        \
             }                                                                                               \
         }                                                                                                   \
     }                                                                                                       \

@@ -74,12 +74,12 @@ decode_combine(const float *__restrict__ part_acc, const float *__restrict__ par
             float c[G];
 #pragma unroll
             for (int g = 0; g < G; g++) c[g] = inv_l[g] > 0.f ? __expf(page_m[e * G + g] - mx[g]) * inv_l[g] : 0.f;
-            float *slot_mass = T.mass ? page_at(T.mass, pid, T.stride) : nullptr;
+            __half *slot_mass = T.mass ? page_at(T.mass, pid, T.stride) : nullptr;
             for (int t = lane; t < f; t += 32) {
                 float x = 0.f;
 #pragma unroll
                 for (int g = 0; g < G; g++) x += slot_w[(e * G + g) * P + t] * c[g];
-                if (slot_mass) slot_mass[t] += x;
+                if (slot_mass) slot_mass[t] = mass_add(slot_mass[t], x, pid, t, T.mass_seed);
                 total += x;
             }
         }

@@ -66,11 +66,39 @@ struct TierDesc {
     const __half *frame;               // ADA: (D/2, 4) float16: theta0, gamma, rho0, drho per pair
     const unsigned char *v_codes;      // ADA: (page_size, D * v_bits / 8) uint8
     const __half *v_min, *v_scale;     // ADA: (page_size, D / v_group) float16
-    float *mass;                       // (page_size,) float32 per page or null: += the slot's attention mass
+    __half *mass;                      // (page_size,) float16 per page or null: += the slot's attention mass,
+                                       // rounded stochastically with seed mass_seed (mass_add below)
     const unsigned char *angle_bits;   // ADA: (H, D/2) uint8, this layer's ba
     const unsigned char *radius_bits;  // ADA: (H, D/2) uint8, this layer's br
-    int key_bytes, v_bits, v_group, pad;
+    int key_bytes, v_bits, v_group;
+    unsigned mass_seed;                // the observing query's position (slot mass rounding)
 };
+
+/* Slot mass: float16 sums updated with stochastic rounding -- twin skvrt/kv/slot_mass.py, C kernels_c/slot_mass.h
+ * (the rule is written there). old + x in float32, rounded to one of its float16 neighbours by 13 hashed bits. */
+__device__ __forceinline__ unsigned mass_hash(unsigned x)
+{
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    return x ^ (x >> 16);
+}
+__device__ __forceinline__ __half mass_add(__half old, float x, int pid, int slot, unsigned seed)
+{
+    const float y = __half2float(old) + x;
+    if (!(y < 65504.f)) return __ushort_as_half(0x7bff);
+    const unsigned r = mass_hash((unsigned)pid * 256U + (unsigned)slot + seed * 0x9E3779B9U) >> 19;
+    if (y >= 6.103515625e-05f) {  // 2^-14: float16 normals
+        unsigned b = __float_as_uint(y);
+        b = (b & ~0x1fffU) + ((b & 0x1fffU) > r ? 0x2000U : 0U);
+        if (!(__uint_as_float(b) < 65504.f)) return __ushort_as_half(0x7bff);
+        return __ushort_as_half((unsigned short)(((((b >> 23) & 0xffU) - 112U) << 10) | ((b >> 13) & 0x3ffU)));
+    }
+    const float q = y * 16777216.f, n = floorf(q);  // 2^24: float16 subnormal steps
+    const unsigned frac = (unsigned)floorf((q - n) * 8192.f);
+    return __ushort_as_half((unsigned short)((unsigned)n + (frac > r ? 1U : 0U)));
+}
 constexpr int KIND_DENSE = 0, KIND_ADA = 2;  // kernels_c's kinds (1, dense float32, has no GPU kernel)
 
 template <typename T> __device__ __forceinline__ const T *page_at(const T *field, int pid, long long stride)

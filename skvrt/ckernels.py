@@ -125,7 +125,7 @@ class TierDesc(ctypes.Structure):
                 ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("codes", ctypes.c_void_p),
                 ("frame", ctypes.c_void_p), ("v_codes", ctypes.c_void_p), ("v_min", ctypes.c_void_p),
                 ("v_scale", ctypes.c_void_p), ("mass", ctypes.c_void_p), ("KB", ctypes.c_int32),
-                ("vb", ctypes.c_int32), ("vg", ctypes.c_int32), ("pad", ctypes.c_int32),
+                ("vb", ctypes.c_int32), ("vg", ctypes.c_int32), ("mass_seed", ctypes.c_uint32),
                 ("angle_bits", ctypes.c_void_p), ("radius_bits", ctypes.c_void_p)]
 
 
@@ -137,7 +137,7 @@ def _declare(L: ctypes.CDLL) -> None:
     i, f, i64 = ctypes.c_int, ctypes.c_float, ctypes.c_int64
     for name in ("skvrt_dense_decode_f16", "skvrt_dense_decode_f32"):
         fn = getattr(L, name)
-        fn.argtypes = [P, P, P, P, P, P, i, i, i, i, i, i64, f, P, P]
+        fn.argtypes = [P, P, P, P, P, P, i, i, i, i, i, i64, f, P, P, ctypes.c_uint32]
         fn.restype = ctypes.c_int
     L.skvrt_set_threads.argtypes = [i]
     L.skvrt_set_threads.restype = None
@@ -161,10 +161,14 @@ def ptr(a) -> int:
     return a.ctypes.data
 
 
-def dense_decode(q, pool, page_ids, n_pages, scale: float, out, with_mass: bool = False, L=None) -> None:
+def dense_decode(q, pool, page_ids, n_pages, scale: float, out, with_mass: bool = False, L=None,
+                 mass_seed: int = 0) -> None:
     """C twin of attention.attend_dense for one decode step over dense pages (one layer). Shapes: see
     kernels_c/attention_dense.c. with_mass: add each slot's softmax weight (summed over the query group) to
-    pool.mass. L: a library from variant_lib (tests); default lib()."""
+    pool.mass (float16, rounded stochastically with mass_seed: kv/slot_mass.py). L: a library from
+    variant_lib (tests); default lib()."""
+    import numpy as np
+
     L = L or lib()
     H, max_pages = page_ids.shape
     nq, D = q.shape
@@ -172,22 +176,27 @@ def dense_decode(q, pool, page_ids, n_pages, scale: float, out, with_mass: bool 
     assert page_ids.dtype == "int32" and page_ids.flags.c_contiguous and n_pages.dtype == "int32"
     assert pool.k.strides[0] == pool.v.strides[0] == pool.stride and pool.k.strides[1:] == pool.v.strides[1:]
     assert pool.k.strides[2] == pool.k.itemsize and pool.k.strides[1] == D * pool.k.itemsize
-    assert not with_mass or pool.mass is not None
+    assert not with_mass or (pool.mass is not None and pool.mass.dtype == np.float16)
     fn = L.skvrt_dense_decode_f16 if pool.k.dtype == "float16" else L.skvrt_dense_decode_f32
     rc = fn(ptr(q), ptr(pool.k), ptr(pool.v), ptr(pool.fill), ptr(page_ids), ptr(n_pages), nq, H,
-            pool.page_size, D, max_pages, pool.stride, scale, ptr(out), ptr(pool.mass) if with_mass else None)
+            pool.page_size, D, max_pages, pool.stride, scale, ptr(out), ptr(pool.mass) if with_mass else None,
+            int(mass_seed) & 0xFFFFFFFF)
     if rc != 0:
         raise ValueError(f"dense_decode rejected shapes: nq={nq} H={H} P={pool.page_size} D={D}")
 
 
-def tier_desc(pool, layer: int, ada_bits=None, with_mass: bool = False) -> TierDesc:
+def tier_desc(pool, layer: int, ada_bits=None, with_mass: bool = False, mass_seed: int = 0) -> TierDesc:
     """The kernel's descriptor of one pool (dense or ADA) for one layer. ada_bits: (angle, radius) widths
-    (L, H, D/2) uint8 of an ADA pool. The descriptor holds raw pointers: keep pool (and ada_bits) alive."""
+    (L, H, D/2) uint8 of an ADA pool; with_mass: add slot mass (float16) with the stochastic rounding seed
+    mass_seed (the observing query's position: set `.mass_seed` of a kept descriptor before each step). The
+    descriptor holds raw pointers: keep pool (and ada_bits) alive."""
     import numpy as np
 
     d, t = pool.data, TierDesc()
     t.P, t.stride = pool.page_size, pool.stride
+    assert not with_mass or pool.mass.dtype == np.float16
     t.mass = ptr(pool.mass) if with_mass else None
+    t.mass_seed = int(mass_seed) & 0xFFFFFFFF
     if "k" in d:
         assert d["k"].dtype in (np.float16, np.float32) and d["k"].strides[0] == pool.stride
         t.kind = KIND_DENSE_F16 if d["k"].dtype == np.float16 else KIND_DENSE_F32

@@ -377,7 +377,9 @@ def test_kernel_mass_equals_numpy_mass():
     for t in range(len(a.pools)):
         mine = a.arena.owner == t
         assert (mine == (b.arena.owner == t)).all()
-        np.testing.assert_allclose(a.pools[t].mass[mine], b.pools[t].mass[mine], atol=1e-5)
+        # float16 sums, rounded stochastically: equal but where the float32 weights differ next to a threshold
+        assert (a.pools[t].mass[mine] == b.pools[t].mass[mine]).sum() >= 0.99 * a.pools[t].mass[mine].size
+        np.testing.assert_allclose(a.pools[t].mass[mine], b.pools[t].mass[mine], rtol=2.0**-10, atol=2.0**-24)
 
 
 def test_deterministic():

@@ -12,7 +12,8 @@ the caller's contract (skvrt/kv/pages.py).
 
 Attention mass (for RDR utilities), when asked: `page_mass` (H, max_pages) <- per table entry, the softmax
 weights of its tokens summed over the G query heads; and every tier whose `mass` field is given (the pool's
-(N, P) float32 slot mass) gets each slot's weight added, as the C kernels do.
+(N, P) float16 slot mass) gets each slot's weight added with stochastic rounding (seed `mass_seed` of the
+tier: skvrt/kv/slot_mass.py), as the C kernels do.
 
 Limits (ValueError before any launch): head_dim 64 / 128 / 256; G = nq / H in 1..16; pages of 16..256
 tokens (a dense-only table: any page size <= 256, at least 1); float16 dense pages. ADA tiers: field widths
@@ -37,7 +38,7 @@ _FIELDS = ("k", "v", "codes", "frame", "v_codes", "v_min", "v_scale", "mass", "a
 # == struct dec::TierDesc in kernels_cu/decode_common.cuh
 TIER_DESC = np.dtype([("kind", np.int32), ("page_size", np.int32), ("stride", np.int64)]
                      + [(n, np.uint64) for n in _FIELDS]
-                     + [(n, np.int32) for n in ("key_bytes", "v_bits", "v_group", "pad")])
+                     + [(n, np.int32) for n in ("key_bytes", "v_bits", "v_group")] + [("mass_seed", np.uint32)])
 assert TIER_DESC.itemsize == 112
 
 
@@ -108,26 +109,27 @@ class Tier:
     v_bits: int = 0
     v_group: int = 0
     lut_entries: int = 0    # ADA: max over heads of sum_i 2^angle_bits[h, i], the length of one head's LUT
+    mass_seed: int = 0      # slot mass: the stochastic rounding seed (the observing query's position)
 
 
-def dense_tier(xp, k, v, mass=None) -> Tier:
-    """k, v (N, P, D) float16 (a dense pool's data["k"], ["v"]); mass (N, P) float32 or None (pool.mass):
-    the slot mass to add to."""
+def dense_tier(xp, k, v, mass=None, mass_seed: int = 0) -> Tier:
+    """k, v (N, P, D) float16 (a dense pool's data["k"], ["v"]); mass (N, P) float16 or None (pool.mass):
+    the slot mass to add to, rounded stochastically with mass_seed."""
     N, P, D = k.shape
     stride = k.strides[0]
     _check(xp, "k", k, (N, P, D), np.float16, 16, stride)
     _check(xp, "v", v, (N, P, D), np.float16, 16, stride)
     if mass is not None:
-        _check(xp, "mass", mass, (N, P), np.float32, 4, stride)
+        _check(xp, "mass", mass, (N, P), np.float16, 2, stride)
     arrays = {"k": k, "v": v} | ({"mass": mass} if mass is not None else {})
-    return Tier(KIND_DENSE, P, stride, arrays)
+    return Tier(KIND_DENSE, P, stride, arrays, mass_seed=int(mass_seed) & 0xFFFFFFFF)
 
 
 def ada_tier(xp, data: dict, angle_bits: np.ndarray, radius_bits: np.ndarray, v_bits: int, v_group: int,
-             mass=None) -> Tier:
+             mass=None, mass_seed: int = 0) -> Tier:
     """data: an ADA pool's arrays by name (codes, frame, v_codes, v_min, v_scale) as xp arrays; angle_bits,
-    radius_bits: host (H, D/2) widths of one layer = ada.split_bits(tier.pair_bits[layer]); mass as in
-    dense_tier."""
+    radius_bits: host (H, D/2) widths of one layer = ada.split_bits(tier.pair_bits[layer]); mass, mass_seed as
+    in dense_tier."""
     ab, rb = (np.ascontiguousarray(b, dtype=np.uint8) for b in (angle_bits, radius_bits))
     codes = data["codes"]
     N, P, key_bytes = codes.shape
@@ -149,11 +151,11 @@ def ada_tier(xp, data: dict, angle_bits: np.ndarray, radius_bits: np.ndarray, v_
                                    ("v_scale", (N, P, ng), np.float16, 2)):
         _check(xp, f"ADA {name}", data[name], shape, dt, align, stride)
     if mass is not None:
-        _check(xp, "mass", mass, (N, P), np.float32, 4, stride)
+        _check(xp, "mass", mass, (N, P), np.float16, 2, stride)
     arrays = {n: data[n] for n in ("codes", "frame", "v_codes", "v_min", "v_scale")}
     arrays |= {"angle_bits": xp.asarray(ab), "radius_bits": xp.asarray(rb)} | ({"mass": mass} if mass is not None else {})
     return Tier(KIND_ADA, P, stride, arrays, key_bytes, int(v_bits), int(v_group),
-                int((1 << ab.astype(np.int64)).sum(-1).max()))
+                int((1 << ab.astype(np.int64)).sum(-1).max()), int(mass_seed) & 0xFFFFFFFF)
 
 
 def _descs(xp, tiers: list[Tier]):
@@ -163,7 +165,7 @@ def _descs(xp, tiers: list[Tier]):
         d["kind"], d["page_size"], d["stride"] = t.kind, t.page_size, t.stride
         for name, a in t.arrays.items():
             d[name] = _ptr(a)
-        d["key_bytes"], d["v_bits"], d["v_group"] = t.key_bytes, t.v_bits, t.v_group
+        d["key_bytes"], d["v_bits"], d["v_group"], d["mass_seed"] = t.key_bytes, t.v_bits, t.v_group, t.mass_seed
     return xp.asarray(desc.view(np.uint8))
 
 
@@ -233,10 +235,10 @@ def _run(*args) -> None:
 
 def prepare_dense_decode(module, xp, q, k, v, fill, page_ids, n_pages, scale: float, out, *, slot_mass=None,
                          page_mass=None, max_pages_used: int | None = None,
-                         pages_per_split: int | None = None) -> Launch:
+                         pages_per_split: int | None = None, mass_seed: int = 0) -> Launch:
     """dense_decode's launches, prepared once (arguments as dense_decode); call the result to run a step."""
-    return _prepare(module, xp, "dense_decode", q, [dense_tier(xp, k, v, slot_mass)], fill, page_ids, None, n_pages,
-                    scale, out, page_mass, max_pages_used, pages_per_split)
+    return _prepare(module, xp, "dense_decode", q, [dense_tier(xp, k, v, slot_mass, mass_seed)], fill, page_ids,
+                    None, n_pages, scale, out, page_mass, max_pages_used, pages_per_split)
 
 
 def prepare_ada_decode(module, xp, q, tiers: list[Tier], fill, page_ids, page_tiers, n_pages, scale: float, out, *,
@@ -248,16 +250,18 @@ def prepare_ada_decode(module, xp, q, tiers: list[Tier], fill, page_ids, page_ti
 
 
 def dense_decode(module, xp, q, k, v, fill, page_ids, n_pages, scale: float, out, *, slot_mass=None,
-                 page_mass=None, max_pages_used: int | None = None, pages_per_split: int | None = None) -> None:
+                 page_mass=None, max_pages_used: int | None = None, pages_per_split: int | None = None,
+                 mass_seed: int = 0) -> None:
     """One decode step of one layer over dense float16 pages (twin: attention.gather_dense + attend_dense).
 
     q (nq, D) float32; k, v (N, P, D) float16 pool fields; fill (N,) int32; page_ids (H, max_pages) int32;
-    n_pages (H,) int32; out (nq, D) float32 <- the attention output. slot_mass (N, P) float32 or None: += each
-    slot's attention mass; page_mass (H, max_pages) float32 or None <- each table entry's. max_pages_used: an
+    n_pages (H,) int32; out (nq, D) float32 <- the attention output. slot_mass (N, P) float16 or None: += each
+    slot's attention mass (rounded stochastically with mass_seed); page_mass (H, max_pages) float32 or None <-
+    each table entry's. max_pages_used: an
     upper bound on n_pages (default: the table width) that sizes the split-K grid; pages_per_split: table
     entries per block (default: about TARGET_BLOCKS blocks)."""
-    _run(module, xp, "dense_decode", q, [dense_tier(xp, k, v, slot_mass)], fill, page_ids, None, n_pages, scale,
-         out, page_mass, max_pages_used, pages_per_split)
+    _run(module, xp, "dense_decode", q, [dense_tier(xp, k, v, slot_mass, mass_seed)], fill, page_ids, None, n_pages,
+         scale, out, page_mass, max_pages_used, pages_per_split)
 
 
 def ada_decode(module, xp, q, tiers: list[Tier], fill, page_ids, page_tiers, n_pages, scale: float, out, *,

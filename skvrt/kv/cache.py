@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import ckernels
 from ..errors import ContextOverflowError, InputError
-from . import layout, rdr
+from . import layout, rdr, slot_mass
 from .ada import AdaTier, split_bits
 from .attention import softmax_attend
 from .pages import PAGE_SIZE, PageTable
@@ -744,15 +744,18 @@ class PagedKVCache:
             out = np.empty((nq, D), dtype=np.float32)
             qc = np.ascontiguousarray(q[:, 0], dtype=np.float32)
             t = self.table
+            seed = int(q_positions[0])  # the stochastic rounding seed of the slot mass (slot_mass.py)
             if len(self.pools) == 1:
                 ckernels.dense_decode(qc, self.pools[DENSE], t.page_ids[layer], t.n_pages[layer], self.scale, out,
-                                      with_mass=bool(n_obs))
+                                      with_mass=bool(n_obs), mass_seed=seed)
             else:
                 key = (layer, bool(n_obs))
                 if key not in self._descs:  # raw pointers into the arena and bit tables: fixed for the cache's life
                     descs = [ckernels.tier_desc(p, layer, self._ada_bits.get(i), with_mass=bool(n_obs))
                              for i, p in enumerate(self.pools)]
                     self._descs[key] = (ckernels.TierDesc * len(descs))(*descs)
+                for d in self._descs[key]:
+                    d.mass_seed = seed & 0xFFFFFFFF
                 ckernels.paged_decode_unchecked(ckernels.lib(), qc, self._descs[key], self.arena.fill,
                                                 t.page_ids[layer], t.page_tiers[layer], t.n_pages[layer],
                                                 self.scale, out)
@@ -770,7 +773,8 @@ class PagedKVCache:
 
     def _add_mass(self, scores: np.ndarray, kpos: np.ndarray, qpos: np.ndarray, where) -> None:
         """Add the softmax weights of the observing queries (scores (G, n_obs, N)), summed over queries and the
-        G heads, to the mass of the key slots `where` lists [(pool, pids, valid (n, P))] in key order."""
+        G heads, to the mass of the key slots `where` lists [(pool, pids, valid (n, P))] in key order (float16
+        sums, rounded stochastically with the last observing query's position as seed: slot_mass.py)."""
         s = np.where(kpos[None, None, :] > qpos[None, :, None], -np.inf, scores)
         p = np.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
@@ -778,7 +782,9 @@ class PagedKVCache:
         o = 0
         for pool, pids, valid in where:
             rows, slots = np.nonzero(valid)
-            pool.mass[pids[rows], slots] += m[o : o + len(rows)]
+            ids = pids[rows]
+            pool.mass[ids, slots] = slot_mass.accumulate(pool.mass[ids, slots], m[o : o + len(rows)],
+                                                         slot_mass.slot_keys(ids, slots, int(qpos[-1])))
             o += len(rows)
 
     def _scores(self, layer: int, h: int, q: np.ndarray):

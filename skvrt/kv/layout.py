@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .slot_mass import MASS_DTYPE
+
 ALIGN = 16  # byte alignment of every field inside a frame
 FILL_BYTES = 4  # int32 fill count per frame (arena metadata)
 MAX_PAGE_TOKENS = 256  # the kernels' limit on tokens per page
@@ -24,9 +26,9 @@ def position_dtype(n_ctx: int, track_mass: bool) -> str:
 
 
 def slot_fields(track_mass: bool, pos_dtype: str = "int32") -> list[tuple[str, str, tuple]]:
-    """Per-slot metadata every page carries: positions (P,) pos_dtype (position_dtype); mass (P,) float32 when
-    tracked."""
-    return [("positions", pos_dtype, ("P",))] + ([("mass", "float32", ("P",))] if track_mass else [])
+    """Per-slot metadata every page carries: positions (P,) pos_dtype (position_dtype); mass (P,) float16 when
+    tracked (sums updated with stochastic rounding: slot_mass.py)."""
+    return [("positions", pos_dtype, ("P",))] + ([("mass", MASS_DTYPE, ("P",))] if track_mass else [])
 
 
 def _shape(shape: tuple, P: int) -> tuple[int, ...]:

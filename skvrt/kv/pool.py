@@ -89,7 +89,7 @@ class TierPool:
         self.positions = self.data["positions"]  # (N, P) pos_dtype (int32; int16 in budgeted caches)
         if arena.n_free == arena.n_frames:  # a fresh arena: every slot unused (alloc resets reused frames)
             self.positions[:] = -1
-        self.mass = self.data.get("mass")  # (N, P) float32 or None
+        self.mass = self.data.get("mass")  # (N, P) float16 or None
         self.fill = arena.fill  # (N,) int32, shared by the arena's pools
         self.n_used = 0
 
