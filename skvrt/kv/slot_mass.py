@@ -1,15 +1,16 @@
 """Slot attention mass in float16 with stochastic rounding (NumPy twin of the C and CUDA kernels' update).
 
 The budgeted caches keep, per token and (layer, kv head), the attention it received (`mass`, RDR's utility).
-As a float32 it cost 4 of a coded token's ~45-78 bytes; float16 halves that. A float16 *sum* rounded to
-nearest would stop growing once the increments fall below half its last-place unit (at ~2,000 observing
-queries of average attention), so every update rounds stochastically instead: the new sum y = old + x
-(float32) goes to one of its two float16 neighbours a <= y < b, to b with probability (y - a) / (b - a), and
-the stored sum is unbiased. Its spread: each update adds a variance of ~(y - a)(b - y) <= x * step, and the step
-is ~2^-10.5 of the sum, so a sum S built from many small increments has a standard deviation of ~2^-5.75 S
-(2 %; measured in tests/test_slot_mass.py) -- noise on a utility that the allocator only compares. The random bits are a hash of (page, slot, seed) -- seed: the
-observing query's position -- so a run is deterministic and the C / CUDA kernels reproduce NumPy's choice
-bit for bit whenever their float32 y is the same. Sums saturate at the largest float16 (65504).
+As a float32 it cost 4 of a coded token's ~43-76 bytes; float16 halves that. A float16 *sum* rounded to
+nearest would stop growing once the increments fall below half its last-place unit (after a few thousand
+equal increments), so every update rounds stochastically instead: the new sum y = old + x (float32) goes to
+one of its two float16 neighbours a <= y < b, to b with probability (y - a) / (b - a), and the stored sum is
+unbiased. Its spread: each update adds a variance of ~(y - a)(b - y) <= x * step, and the step is ~2^-10.5 of
+the sum, so a sum S built from many small increments has a standard deviation of ~2^-5.75 S (2 %; measured in
+tests/test_slot_mass.py) -- noise on a utility that the allocator only compares. The random bits are a hash of
+(page, slot, seed) -- seed: the observing query's position -- so a run is deterministic and the C / CUDA
+kernels reproduce NumPy's choice bit for bit whenever their float32 y is the same. Sums saturate at the largest
+float16 (65504).
 
 Rounding on float32 bits (y >= 0): for y >= 2^-14 (a float16 normal) the float16 neighbours are y with its
 low 13 mantissa bits cleared and that + 2^13 units; below 2^-14 (float16 subnormals, steps of 2^-24) on
