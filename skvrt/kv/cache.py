@@ -754,8 +754,9 @@ class PagedKVCache:
                     descs = [ckernels.tier_desc(p, layer, self._ada_bits.get(i), with_mass=bool(n_obs))
                              for i, p in enumerate(self.pools)]
                     self._descs[key] = (ckernels.TierDesc * len(descs))(*descs)
-                for d in self._descs[key]:
-                    d.mass_seed = seed & 0xFFFFFFFF
+                if n_obs:  # only descriptors with a mass field read the seed
+                    for d in self._descs[key]:
+                        d.mass_seed = seed & 0xFFFFFFFF
                 ckernels.paged_decode_unchecked(ckernels.lib(), qc, self._descs[key], self.arena.fill,
                                                 t.page_ids[layer], t.page_tiers[layer], t.n_pages[layer],
                                                 self.scale, out)
