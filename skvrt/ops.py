@@ -46,6 +46,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return logits - m - np.log(np.sum(np.exp(logits - m), axis=-1, keepdims=True))
 
 
+def token_logprobs(xp, logits, ids) -> np.ndarray:
+    """log softmax(logits[i])[ids[i]] per row: logits (n, V) float32 (NumPy or CuPy), ids (n,) -> (n,) float64
+    on the host (the log-sum-exp summed in float64)."""
+    ids = xp.asarray(np.asarray(ids, np.int64))
+    m = logits.max(axis=-1)  # (n,)
+    lse = xp.log(xp.exp(logits - m[:, None]).sum(axis=-1, dtype=np.float64)) + m
+    out = logits[xp.arange(len(ids)), ids] - lse
+    return out.get() if hasattr(out, "get") else np.asarray(out)
+
+
 class CpuOps:
     """The model's ops backend on the CPU: NumPy float32 (the reference path; models/llama.py Model.forward runs
     over an ops object, skvrt/cuda/model_ops.py CudaOps is the GPU one). Weights stay the float32 NumPy arrays
@@ -99,6 +109,9 @@ class CpuOps:
 
     def to_host(self, a) -> np.ndarray:
         return a
+
+    def token_logprobs(self, logits: np.ndarray, ids) -> np.ndarray:
+        return token_logprobs(np, logits, ids)
 
 
 CPU = CpuOps()

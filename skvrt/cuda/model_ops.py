@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops as cuda_ops
+from ..ops import token_logprobs
 
 FP16_MAX = 65504.0
 
@@ -149,3 +150,6 @@ class CudaOps:
 
     def to_host(self, a) -> np.ndarray:
         return a.get() if hasattr(a, "get") else np.asarray(a)
+
+    def token_logprobs(self, logits, ids) -> np.ndarray:
+        return token_logprobs(self.xp, logits, ids)

@@ -23,6 +23,7 @@ SPHERICAL_DROP_COST = 2.0  # distortion of dropping a token, relative to its who
 # 1, 2 and 8 measured on the dev text (bench/rdr_dev.py, docs/QUALITY.md): 2 best at 10 %, equal at 25 %
 SPHERICAL_KEEP_IF_FITS = True  # drop nothing while every token fits at the cheapest tier (rdr.assign)
 SPHERICAL_UTIL_FLOOR = 1.0  # utility floor, a fraction of a uniform attention share (Policy.util_floor)
+SPHERICAL_SURPRISAL = 0.0  # share of that floor spread by each token's surprisal (Policy.surprisal)
 
 KV_POLICIES = {
     "full": "every token kept in the dense tier (float16 by default)",
@@ -98,7 +99,8 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
                 v_bits: int = 4, v_group: int = 32, tier: int = 192, calibration=None, budget=None,
                 ladder=None, kv_dtype: str = "float16", obs: int = 32, chunk: int | None = None,
                 distortion: str = "measured", batch: int | None = None, drop_cost: float | None = None,
-                util_floor: float | None = None, keep_if_fits: bool | None = None) -> Policy:
+                util_floor: float | None = None, keep_if_fits: bool | None = None,
+                surprisal: float | None = None) -> Policy:
     if kv_policy not in KV_POLICIES:
         raise InputError(f"unknown --kv-policy {kv_policy!r}; valid: {', '.join(KV_POLICIES)}")
     if window is None:
@@ -126,6 +128,8 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
     if kv_policy == "spherical":
         if (drop_cost is not None and not float(drop_cost) > 0) or (util_floor is not None and not float(util_floor) >= 0):
             raise InputError(f"drop_cost must be > 0 and util_floor >= 0 (got {drop_cost}, {util_floor})")
+        if surprisal is not None and not 0 <= float(surprisal) <= 1:
+            raise InputError(f"surprisal must be a share between 0 and 1 (got {surprisal})")
         steps = parse_ladder(ladder)
         dense = steps[0] == DENSE_STEP
         ada_steps = steps[1:] if dense else steps
@@ -153,6 +157,7 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
                       drop_cost=float(drop_cost if drop_cost is not None else SPHERICAL_DROP_COST),
                       util_floor=float(util_floor if util_floor is not None else SPHERICAL_UTIL_FLOOR),
                       keep_if_fits=_flag("keep_if_fits", keep_if_fits, SPHERICAL_KEEP_IF_FITS),
+                      surprisal=float(surprisal if surprisal is not None else SPHERICAL_SURPRISAL),
                       dense_when_room=ladder is None, **common)
     if kv_policy == "ada":
         if tier % 8 or not 8 <= tier <= 12 * calibration.q_sq.shape[-1] // 2:

@@ -43,6 +43,10 @@ DECODE_AHEAD = 2  # rdr: a search during decode leaves room for this many rounds
 # text, 10 % budget: a search every round KL 0.0622, 2 rounds ahead 0.0643, 4 ahead 0.0673 (idle frames) --
 # at most AHEAD_SHARE of the arena (snapkv / h2o, whose old tier is dense, would idle a page per head a round)
 AHEAD_SHARE = 1 / 50
+SURPRISAL_CAP = 8.0  # rdr: most uniform shares of utility floor a token's surprisal earns (Policy.surprisal);
+# also what a token gets before its surprisal is known (the prefill tokens that leave the window inside the
+# forward that computes it): unread text is not presumed predictable
+SURPRISAL_UNKNOWN = SURPRISAL_CAP
 RDR_CHUNK = 64  # prefill chunk of the rdr policies (the dense tier holds one chunk inside the budget; smaller
 # chunks mean more allocation rounds, each re-encoding open pages: 32 measured worse than 64 on the dev text)
 
@@ -69,6 +73,9 @@ class Policy:
     # drop nothing while every token fits there (PagedKVCache.keeps_all, rdr.all_fit_cheapest)
     util_floor: float = 0.0  # rdr: utility every token has whatever attention it got, as a fraction of a uniform
     # share (1 / tokens in context): a future query may retrieve a token no query has looked at yet
+    surprisal: float = 0.0  # rdr: share of the utility floor spread over tokens by their surprisal (the model's
+    # -log p of the token given the text before it) instead of evenly: a token's floor is (1 - surprisal) +
+    # surprisal * min(s / mean s, SURPRISAL_CAP) uniform shares (`PagedKVCache.floor_weights`)
     dense_when_room: bool = False  # rdr: a leading dense old tier is kept only when the budget holds the whole
     # context (n_ctx) at the richest coded tier; below that it would only hold tokens while the budget is loose
     # early on, then be demoted from (dev: KL level, allocator work doubled) -- the cache leaves it out
@@ -203,6 +210,10 @@ class PagedKVCache:
                               holds_context(sizes[-1]))
         self._sizes = np.array([q.page_size for q in self.pools])  # tokens per page of each pool
         self._old_sizes = self._sizes[1:]  # of each old tier
+        # surprisal (Policy.surprisal): the model's forward calls note_surprisal; per position, NaN = not known
+        self.wants_surprisal = bool(policy.allocator == "rdr" and policy.surprisal > 0 and policy.util_floor > 0)
+        self._surprisal = np.full(n_ctx, np.nan, np.float32) if self.wants_surprisal else None
+        self._predicted = None  # (position, logits (V,)) the last forward's last token predicted for `position`
         self.allocator_seconds = 0.0  # time spent in rdr.assign + applying its plans (reported by bench)
         self.allocator_runs = 0
 
@@ -540,11 +551,37 @@ class PagedKVCache:
                 pend = np.sort(np.asarray(self._pending_obs, np.int64))
                 seen = np.ones(len(pos), bool) if layer is None else layer <= self._attended
                 n_obs = n_obs + np.where(seen, len(pend) - np.searchsorted(pend, pos, side="left"), 0)
-            return mass / np.maximum(n_obs, 1) + self._floor()
-        return mass.astype(np.float64) + self._floor()
+            return mass / np.maximum(n_obs, 1) + self._floor() * self.floor_weights(pos)
+        return mass.astype(np.float64) + self._floor() * self.floor_weights(pos)
 
     def _floor(self) -> float:
         return self.policy.util_floor / max(self.offset, 1)
+
+    def floor_weights(self, pos: np.ndarray) -> np.ndarray | float:
+        """Uniform shares of utility floor of the tokens at positions pos (n,): 1 each, or with Policy.surprisal
+        a = surprisal, (1 - a) + a * min(s / mean s, SURPRISAL_CAP) where s is the token's surprisal and mean s
+        the mean over the tokens whose surprisal is known (the cap while a token's is not known)."""
+        a = self.policy.surprisal
+        if self._surprisal is None:
+            return 1.0
+        known = self._surprisal[: self.offset]
+        known = known[~np.isnan(known)]
+        mean = float(known.mean()) if len(known) else 1.0
+        s = self._surprisal[pos].astype(np.float64)
+        w = np.where(np.isnan(s), SURPRISAL_UNKNOWN, np.minimum(s / max(mean, 1e-6), SURPRISAL_CAP))
+        return (1 - a) + a * w
+
+    def predicted_logits(self, position: int):
+        """The logits (V,) the previous forward's last token predicted for the token at `position`, or None."""
+        if self._predicted is not None and self._predicted[0] == position == self.offset:
+            return self._predicted[1]
+        return None
+
+    def note_surprisal(self, positions: np.ndarray, surprisal: np.ndarray, next_logits) -> None:
+        """The model's forward, before advance: surprisal (T,) of its tokens at positions (T,) (NaN: unknown) and
+        the logits (V,) its last token predicts for the next position."""
+        self._surprisal[positions] = surprisal
+        self._predicted = (int(positions[-1]) + 1, next_logits)
 
     def _rebalance(self, leaving: dict, reserve_extra: int = 1, reserve_layers=None, reserve_frames: int = 0) -> None:
         """Assign every token outside sinks + window -- the ones leaving now (`leaving`, taken out of the dense
@@ -849,6 +886,8 @@ class PagedKVCache:
         self.offset = n_tokens
         self.n_old = max(0, min(self.n_old, n_tokens - self.policy.sinks))
         self._obs = [x for x in self._obs if x < n_tokens]
+        if self._surprisal is not None:
+            self._surprisal[n_tokens:] = np.nan
 
     def reset(self) -> None:
         self.truncate(0)

@@ -242,7 +242,25 @@ class Model:
                 h = be.add_rms_norm(x, down, self.layers[li + 1].input_norm, self.eps)  # x += down
             else:
                 x = be.add(x, down)
+        if getattr(cache, "wants_surprisal", False):
+            logits = be.linear(be.rms_norm(x, self.norm, self.eps), self.lm_head)  # (T, V)
+            self._note_surprisal(tokens, positions, logits, cache)
+            cache.advance(T)
+            return logits if all_logits else logits[-1:]
         cache.advance(T)
         x = x if all_logits else x[-1:]
         x = be.rms_norm(x, self.norm, self.eps)
         return be.linear(x, self.lm_head)  # (T or 1, V)
+
+    def _note_surprisal(self, tokens, positions: np.ndarray, logits, cache) -> None:
+        """Give the cache each token's surprisal -log p(token | the text before it), as this model predicted it:
+        logits (T, V) of this forward predict tokens[1:]; the previous forward's last row (the cache keeps it)
+        predicted tokens[0] (unknown, NaN, when there was none)."""
+        ids = np.asarray(tokens, np.int64)
+        s = np.full(len(ids), np.nan)
+        if len(ids) > 1:
+            s[1:] = -self.ops.token_logprobs(logits[:-1], ids[1:])
+        prev = cache.predicted_logits(int(positions[0]))  # (V,) or None
+        if prev is not None:
+            s[0] = -self.ops.token_logprobs(prev[None], ids[:1])[0]
+        cache.note_surprisal(positions, s, logits[-1].copy())
