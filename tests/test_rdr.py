@@ -120,7 +120,7 @@ def test_assign_keep_if_fits_drops_nothing_while_the_cheapest_tier_holds_everyon
 def test_util_floor_adds_a_uniform_share():
     pol = make("spherical", 0.25).policy
     caches = [PagedKVCache(L, H, D, n_ctx=600, kv_dtype="float32", page_size=16,
-                           policy=dataclasses.replace(pol, util_floor=f)) for f in (0.0, 0.5)]
+                           policy=dataclasses.replace(pol, util_floor=f, surprisal=0.0)) for f in (0.0, 0.5)]
     pos, mass = np.array([10, 150]), np.array([0.0, 3.0])
     for c in caches:
         c.offset, c._obs = 200, list(range(100, 200))

@@ -57,9 +57,11 @@ def test_forward_reports_the_surprisal_of_every_token(loaded):
 
 
 def test_caches_without_the_option_are_not_told():
-    for pol, opts in (("spherical", {}), ("snapkv", {}), ("spherical", {"util_floor": 0.0, "surprisal": 1.0})):
+    for pol, opts in (("spherical", {"surprisal": 0.0}), ("snapkv", {}), ("h2o", {}),
+                      ("spherical", {"util_floor": 0.0, "surprisal": 1.0})):
         assert not make(pol, 0.25, **opts).wants_surprisal
     assert make("spherical", 0.25, surprisal=0.5).wants_surprisal
+    assert make("spherical", 0.25).wants_surprisal  # the spherical default
 
 
 def test_floor_follows_surprisal_relative_to_the_mean_and_caps():

@@ -23,7 +23,8 @@ SPHERICAL_DROP_COST = 2.0  # distortion of dropping a token, relative to its who
 # 1, 2 and 8 measured on the dev text (bench/rdr_dev.py, docs/QUALITY.md): 2 best at 10 %, equal at 25 %
 SPHERICAL_KEEP_IF_FITS = True  # drop nothing while every token fits at the cheapest tier (rdr.assign)
 SPHERICAL_UTIL_FLOOR = 1.0  # utility floor, a fraction of a uniform attention share (Policy.util_floor)
-SPHERICAL_SURPRISAL = 0.0  # share of that floor spread by each token's surprisal (Policy.surprisal)
+SPHERICAL_SURPRISAL = 1.0  # share of that floor spread by each token's surprisal (Policy.surprisal); passkey at
+# 7.5K, 25 %: of the 6 / 9 prompts the full cache answers, 5 with it and 3 without (docs/QUALITY.md, session 8)
 
 KV_POLICIES = {
     "full": "every token kept in the dense tier (float16 by default)",
