@@ -46,7 +46,6 @@ AHEAD_SHARE = 1 / 50
 SURPRISAL_CAP = 8.0  # rdr: most uniform shares of utility floor a token's surprisal earns (Policy.surprisal);
 # also what a token gets before its surprisal is known (the prefill tokens that leave the window inside the
 # forward that computes it): unread text is not presumed predictable
-SURPRISAL_UNKNOWN = SURPRISAL_CAP
 RDR_CHUNK = 64  # prefill chunk of the rdr policies (the dense tier holds one chunk inside the budget; smaller
 # chunks mean more allocation rounds, each re-encoding open pages: 32 measured worse than 64 on the dev text)
 
@@ -568,7 +567,7 @@ class PagedKVCache:
         known = known[~np.isnan(known)]
         mean = float(known.mean()) if len(known) else 1.0
         s = self._surprisal[pos].astype(np.float64)
-        w = np.where(np.isnan(s), SURPRISAL_UNKNOWN, np.minimum(s / max(mean, 1e-6), SURPRISAL_CAP))
+        w = np.where(np.isnan(s), SURPRISAL_CAP, np.minimum(s / max(mean, 1e-6), SURPRISAL_CAP))
         return (1 - a) + a * w
 
     def predicted_logits(self, position: int):
