@@ -41,7 +41,7 @@ KvDtypeOpt = typer.Option("float16", "--kv-dtype", help="Dense KV tier storage: 
 KvPolicyOpt = typer.Option("full", "--kv-policy", help="KV cache policy: full, window (sinks + recent), ada (angle-domain key codes; --kv-tier), quant (int K/V for old tokens), snapkv / h2o (eviction under --kv-budget), spherical (ADA + RDR under --kv-budget).")
 KvTierOpt = typer.Option(None, "--kv-tier", help="ADA tier: key bits per token per KV head (e.g. 128, 192, 256).")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda (default: $SKVRT_DEVICE, else auto). cuda fails with the reason when CuPy, a GPU or NVRTC is missing; it never falls back to the CPU.")
-KvOptOpt = typer.Option([], "--kv-opt", help="Policy option key=value (repeatable): sinks, window, k_bits, v_bits, v_group, ladder (spherical, e.g. dense,256:4,192:2,128:2), drop_cost, util_floor, keep_if_fits, surprisal (spherical: share 0..1 of the utility floor spread by each token's surprisal).")
+KvOptOpt = typer.Option([], "--kv-opt", help="Policy option key=value (repeatable): sinks, window, k_bits, v_bits, v_group, ladder (spherical, e.g. dense,256:4,192:2,128:2), drop_cost, util_floor, keep_if_fits, surprisal (spherical: share 0..1 of the utility floor spread by each token's surprisal), lookahead (budgeted policies: auto / 1 / 0, prefill the prompt twice so tiers are chosen knowing its last queries; spherical default auto = when the budget cannot keep every token).")
 
 
 def sampling(temp, top_p, top_k, min_p, repeat_penalty, seed) -> dict:

@@ -32,10 +32,23 @@ def prefill(model, cache, tokens: Sequence[int], chunk: int = PREFILL_CHUNK,
         raise InputError("nothing to prefill: the prompt is empty")
     logits = None
     chunk = min(chunk, getattr(cache, "max_chunk", chunk))  # budgeted caches take smaller chunks
-    for start in range(0, len(tokens), chunk):
-        logits = model.forward(tokens[start : start + chunk], cache)
-        if progress:
-            progress(min(start + chunk, len(tokens)), len(tokens))
+    passes = 2 if getattr(cache, "wants_lookahead", False) else 1
+    start_pos = cache.offset
+    for p in range(passes):
+        if p == 0 and passes == 2:  # a first pass that only records the prompt's last queries (Policy.lookahead)
+            cache.begin_lookahead(start_pos + len(tokens))
+        try:
+            for start in range(0, len(tokens), chunk):
+                logits = model.forward(tokens[start : start + chunk], cache)
+                if progress:
+                    done = p * len(tokens) + min(start + chunk, len(tokens))
+                    progress(done // passes, len(tokens))
+        except BaseException:  # Ctrl-C or an error in the first pass: back to where the prompt began, nothing kept
+            if p == 0 and passes == 2:
+                cache.end_lookahead(start_pos, keep=False)
+            raise
+        if p == 0 and passes == 2:
+            cache.end_lookahead(start_pos)  # back to where the prompt began, queries kept for the second pass
     return logits[-1]
 
 

@@ -26,6 +26,10 @@ SPHERICAL_UTIL_FLOOR = 1.0  # utility floor, a fraction of a uniform attention s
 SPHERICAL_SURPRISAL = 1.0  # share of that floor spread by each token's surprisal (Policy.surprisal); passkey at
 # 7.5K, 25 %: of the 6 / 9 prompts the full cache answers, 5 with it and 3 without (docs/QUALITY.md, session 8)
 
+SPHERICAL_LOOKAHEAD = None  # prefill twice, choosing tiers knowing the prompt's last queries (Policy.lookahead);
+# None = auto: when the budget cannot hold the whole context at the cheapest tier (tokens will be dropped). WikiText
+# KL at 12.5 / 10 %: 0.0688 / 0.0927 -> 0.0582 / 0.0818, for a 2x prefill there (docs/QUALITY.md, session 9)
+
 KV_POLICIES = {
     "full": "every token kept in the dense tier (float16 by default)",
     "window": "StreamingLLM: sinks + recent window kept dense, older tokens dropped",
@@ -101,11 +105,13 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
                 ladder=None, kv_dtype: str = "float16", obs: int = 32, chunk: int | None = None,
                 distortion: str = "measured", batch: int | None = None, drop_cost: float | None = None,
                 util_floor: float | None = None, keep_if_fits: bool | None = None,
-                surprisal: float | None = None) -> Policy:
+                surprisal: float | None = None, lookahead=None) -> Policy:
     if kv_policy not in KV_POLICIES:
         raise InputError(f"unknown --kv-policy {kv_policy!r}; valid: {', '.join(KV_POLICIES)}")
     if window is None:
         window = RDR_WINDOW if kv_policy in BUDGETED else 64
+    if lookahead is not None and kv_policy not in BUDGETED:
+        raise InputError(f"lookahead is an option of the budgeted policies ({', '.join(BUDGETED)}), not {kv_policy}")
     if kv_policy == "full":
         return Policy(budget=budget)
     if sinks < 0 or window < 1:
@@ -115,11 +121,21 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
     if batch is not None and batch < 1:
         raise InputError(f"batch must be >= 1, not {batch}")
     common = dict(sinks=sinks, window=window, keep_all=False, budget=budget, chunk=chunk, batch=batch)
+    if lookahead is None:
+        look = SPHERICAL_LOOKAHEAD if kv_policy == "spherical" else False
+    elif str(lookahead).strip().lower() == "auto":
+        look = None
+    else:
+        try:
+            look = _flag("lookahead", lookahead, False)
+        except InputError:
+            raise InputError(f"lookahead must be auto, true or false (1 / 0), not {lookahead!r}") from None
+    budgeted = dict(lookahead=look)
     if kv_policy == "window":
         return Policy("window", **common)
     if kv_policy in ("snapkv", "h2o"):
         return Policy(kv_policy, old_tiers=(DenseTier(kv_dtype),), allocator="rdr", obs=obs,
-                      utility="mean" if kv_policy == "snapkv" else "sum", **common)
+                      utility="mean" if kv_policy == "snapkv" else "sum", **budgeted, **common)
     if kv_policy in ("ada", "spherical") and calibration is None:
         if kv_policy == "spherical":
             raise InputError("--kv-policy spherical needs the model's calibration sidecar: run `skvrt calibrate`")
@@ -159,7 +175,7 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
                       util_floor=float(util_floor if util_floor is not None else SPHERICAL_UTIL_FLOOR),
                       keep_if_fits=_flag("keep_if_fits", keep_if_fits, SPHERICAL_KEEP_IF_FITS),
                       surprisal=float(surprisal if surprisal is not None else SPHERICAL_SURPRISAL),
-                      dense_when_room=ladder is None, **common)
+                      dense_when_room=ladder is None, **budgeted, **common)
     if kv_policy == "ada":
         if tier % 8 or not 8 <= tier <= 12 * calibration.q_sq.shape[-1] // 2:
             raise InputError(f"ada tier must be a multiple of 8 key bits per token per head, 8..., not {tier}")

@@ -75,6 +75,11 @@ class Policy:
     surprisal: float = 0.0  # rdr: share of the utility floor spread over tokens by their surprisal (the model's
     # -log p of the token given the text before it) instead of evenly: a token's floor is (1 - surprisal) +
     # surprisal * min(s / mean s, SURPRISAL_CAP) uniform shares (`PagedKVCache.floor_weights`)
+    lookahead: bool | None = False  # rdr: prefill a prompt twice (generate.prefill): the first pass records the
+    # prompt's last `obs` queries per layer, the second adds to each token's utility the attention those queries
+    # give it, computed as it leaves the window (`PagedKVCache.begin_lookahead`): tiers are chosen knowing what the
+    # prompt ends with. None = auto: only when the budget cannot hold the whole context (n_ctx) at the cheapest old
+    # tier, i.e. when tokens will be dropped (PagedKVCache.holds_all)
     dense_when_room: bool = False  # rdr: a leading dense old tier is kept only when the budget holds the whole
     # context (n_ctx) at the richest coded tier; below that it would only hold tokens while the budget is loose
     # early on, then be demoted from (dev: KL level, allocator work doubled) -- the cache leaves it out
@@ -205,14 +210,23 @@ class PagedKVCache:
         # keep_if_fits: the budget holds a whole context at the cheapest old tier beside the dense tier (sinks +
         # window + half a batch per head on average), so the allocator need not drop (an estimate: each search
         # checks what the arena holds, rdr.all_fit_cheapest in _rebalance)
-        self.keeps_all = bool(policy.keep_if_fits and policy.budget is not None and policy.old_tiers and
-                              holds_context(sizes[-1]))
+        self.holds_all = bool(policy.budget is not None and policy.old_tiers and holds_context(sizes[-1]))
+        self.keeps_all = bool(policy.keep_if_fits and self.holds_all)
         self._sizes = np.array([q.page_size for q in self.pools])  # tokens per page of each pool
         self._old_sizes = self._sizes[1:]  # of each old tier
         # surprisal (Policy.surprisal): the model's forward calls note_surprisal; per position, NaN = not known
         self.wants_surprisal = bool(policy.allocator == "rdr" and policy.surprisal > 0 and policy.util_floor > 0)
         self._surprisal = np.full(n_ctx, np.nan, np.float32) if self.wants_surprisal else None
         self._predicted = None  # (position, logits (V,)) the last forward's last token predicted for `position`
+        # lookahead (Policy.lookahead): generate.prefill runs a first pass that records the prompt's last queries
+        self.wants_lookahead = bool(policy.allocator == "rdr" and (
+            policy.lookahead or (policy.lookahead is None and not self.holds_all)))
+        self._look_end = None  # while recording: the prompt's end position; its last `obs` queries are kept
+        self._look_rec = {}  # layer -> [(q (nq, t, D), lse (nq, t), positions (t,))] recorded in the first pass
+        self._look_q = None  # second pass: layer -> (q (nq, n, D), lse (nq, n), positions (n,)): the prompt's last
+        # queries
+        self._prior = np.zeros((heads, n_ctx), np.float32) if self.wants_lookahead else None  # (L H, n_ctx) the
+        # attention each token gets from those queries (summed over the query group, mean over the queries)
         self.allocator_seconds = 0.0  # time spent in rdr.assign + applying its plans (reported by bench)
         self.allocator_runs = 0
 
@@ -415,6 +429,8 @@ class PagedKVCache:
             for h in range(H):
                 leaving[layer * H + h] = self._take_dense(layer, h, lo, hi)
                 self._compact_dense(layer, h)
+                if self._look_q is not None:
+                    self._note_prior(layer, h, leaving[layer * H + h][0], leaving[layer * H + h][2])
         return leaving
 
     def _depart(self, layer: int, T: int) -> None:
@@ -464,7 +480,7 @@ class PagedKVCache:
         pos = np.concatenate([x[2] for x in leaving.values()])
         mass = np.concatenate([x[3] if x[3] is not None else np.zeros(len(x[2])) for x in leaving.values()])
         cur = np.zeros(len(pos), np.int64)
-        util = rdr.pool_neighbours(lh, pos, self.utilities(pos, mass, lh // self.n_kv_heads))
+        util = rdr.pool_neighbours(lh, pos, self.utilities(pos, mass, lh))
         choice = rdr.choose(lh, cur, util, self._distortion(), self._old_sizes, self.n_layers * self.n_kv_heads,
                             self._lam, self.policy.drop_cost, self._allow_drop)
         before, after = self._old_frames(lh, choice)
@@ -540,9 +556,12 @@ class PagedKVCache:
             self._reclaim(1)
         return self.pools[t].alloc() if self.arena.n_free or t == DENSE else -1
 
-    def utilities(self, pos: np.ndarray, mass: np.ndarray, layer: np.ndarray | None = None) -> np.ndarray:
-        """Utility of tokens at positions pos (n,) of layers `layer` (n,) with accumulated attention mass (n,).
-        The forward in progress has observed the layers up to the last that attended, not the others."""
+    def utilities(self, pos: np.ndarray, mass: np.ndarray, lh: np.ndarray | None = None) -> np.ndarray:
+        """Utility of tokens at positions pos (n,) of (layer * H + head) `lh` (n,) with accumulated attention mass
+        (n,). The forward in progress has observed the layers up to the last that attended, not the others. With
+        lookahead, plus the attention the prompt's last queries give each token (`_prior`)."""
+        layer = None if lh is None else lh // self.n_kv_heads
+        prior = 0.0 if self._prior is None or lh is None else self._prior[lh, pos]
         if self.policy.utility == "mean":
             obs = np.asarray(self._obs, np.int64)
             n_obs = len(obs) - np.searchsorted(obs, pos, side="left")  # observing queries at or after pos
@@ -550,8 +569,8 @@ class PagedKVCache:
                 pend = np.sort(np.asarray(self._pending_obs, np.int64))
                 seen = np.ones(len(pos), bool) if layer is None else layer <= self._attended
                 n_obs = n_obs + np.where(seen, len(pend) - np.searchsorted(pend, pos, side="left"), 0)
-            return mass / np.maximum(n_obs, 1) + self._floor() * self.floor_weights(pos)
-        return mass.astype(np.float64) + self._floor() * self.floor_weights(pos)
+            return mass / np.maximum(n_obs, 1) + self._floor() * self.floor_weights(pos) + prior
+        return mass.astype(np.float64) + self._floor() * self.floor_weights(pos) + prior
 
     def _floor(self) -> float:
         return self.policy.util_floor / max(self.offset, 1)
@@ -619,7 +638,7 @@ class PagedKVCache:
         cur = np.concatenate(cand_cur).astype(np.int64)
         pos = np.concatenate(cand_pos)
         mass = np.concatenate(cand_mass)
-        util = rdr.pool_neighbours(lh_all, pos, self.utilities(pos, mass, lh_all // H))
+        util = rdr.pool_neighbours(lh_all, pos, self.utilities(pos, mass, lh_all))
         dist = self._distortion()  # (L*H, n_old_tiers)
         sizes = self._old_sizes
         capacity = self._old_capacity(reserve_extra, reserve_layers)
@@ -776,7 +795,7 @@ class PagedKVCache:
         if layer == 0 and n_obs:
             self._pending_obs.extend(int(x) for x in q_positions[T - n_obs :])
         self._attended = layer
-        if T == 1 and self.use_c and self._c_decode:
+        if T == 1 and self.use_c and self._c_decode and self._look_end is None:
             out = np.empty((nq, D), dtype=np.float32)
             qc = np.ascontiguousarray(q[:, 0], dtype=np.float32)
             t = self.table
@@ -802,11 +821,64 @@ class PagedKVCache:
             qh = q[h * G : (h + 1) * G]
             scores, values, kpos, where = self._scores(layer, h, qh)
             out[h * G : (h + 1) * G] = softmax_attend(scores, values, kpos, q_positions)
+            if self._look_end is not None:
+                self._record_queries(layer, h, qh, scores, kpos, q_positions)
             if n_obs:
                 self._add_mass(scores[:, T - n_obs :], kpos, q_positions[T - n_obs :], where)
         if self.policy.allocator == "rdr" and T > 1:
             self._depart(layer, T)
         return out
+
+    # ---- lookahead: tiers chosen knowing the prompt's last queries (Policy.lookahead) --------------------
+
+    def begin_lookahead(self, end: int) -> None:
+        """First pass of a prompt ending at position `end`: record the post-RoPE queries of its last `obs` tokens
+        and the log-sum-exp of their attention logits, per layer and query head."""
+        self._look_end, self._look_rec, self._look_q = int(end), {}, None
+
+    def end_lookahead(self, start: int, keep: bool = True) -> None:
+        """After the first pass: forget its tokens (truncate to `start`, where the prompt began) and keep the
+        recorded queries for the second pass (unless not `keep`: an interrupted first pass), whose tokens take
+        `_prior` utility as they leave the window."""
+        rec = self._look_rec
+        self._look_end, self._look_rec = None, {}
+        self.truncate(start)
+        if keep:
+            self._look_q = {layer: tuple(np.concatenate([r[i] for r in parts], axis=-2 if i == 0 else -1) for i in range(3))
+                            for layer, parts in rec.items()}
+
+    def _record_queries(self, layer: int, h: int, q: np.ndarray, scores: np.ndarray, kpos: np.ndarray,
+                        qpos: np.ndarray) -> None:
+        """q (G, T, D), scores (G, T, N) of head h's query group: keep the rows of the prompt's last `obs` queries."""
+        rows = (qpos >= self._look_end - self.policy.obs) & (qpos < self._look_end)
+        if not rows.any():
+            return
+        s = np.where(kpos[None, None, :] > qpos[rows][None, :, None], -np.inf, scores[:, rows]).astype(np.float64)
+        m = s.max(-1, keepdims=True)
+        lse = (m + np.log(np.exp(s - m).sum(-1, keepdims=True)))[..., 0]  # (G, t)
+        parts = self._look_rec.setdefault(layer, [])
+        if h == 0:
+            parts.append([[], []])
+        parts[-1][0].append(q[:, rows].astype(np.float32))
+        parts[-1][1].append(lse)
+        if h == self.n_kv_heads - 1:  # the query heads of every KV head, in order: (nq, t, D), (nq, t), (t,)
+            parts[-1] = (np.concatenate(parts[-1][0]), np.concatenate(parts[-1][1]), qpos[rows].astype(np.int64))
+
+    def _note_prior(self, layer: int, h: int, k: np.ndarray, pos: np.ndarray) -> None:
+        """Tokens of (layer, h) leaving the window (keys k (n, D) float32 at positions pos (n,)): their attention
+        from the prompt's last queries recorded by the first pass (none for tokens after the prompt)."""
+        if self._look_q is None or layer not in self._look_q or not len(pos):
+            return
+        q, lse, qpos = self._look_q[layer]
+        G = q.shape[0] // self.n_kv_heads
+        inside = pos <= qpos[-1]  # tokens of the prompt (not generated after it)
+        if not inside.any():
+            return
+        qg, lg = q[h * G : (h + 1) * G], lse[h * G : (h + 1) * G]  # (G, n, D), (G, n)
+        s = np.einsum("gtd,jd->gtj", qg, k[inside]).astype(np.float64) * self.scale  # (G, n, m)
+        w = np.exp(s - lg[..., None])
+        w[:, qpos[:, None] < pos[inside][None, :]] = 0  # causal: a query does not see later tokens
+        self._prior[layer * self.n_kv_heads + h, pos[inside]] = w.mean(axis=1).sum(axis=0)  # (m,)
 
     def _add_mass(self, scores: np.ndarray, kpos: np.ndarray, qpos: np.ndarray, where) -> None:
         """Add the softmax weights of the observing queries (scores (G, n_obs, N)), summed over queries and the
@@ -887,6 +959,9 @@ class PagedKVCache:
         self._obs = [x for x in self._obs if x < n_tokens]
         if self._surprisal is not None:
             self._surprisal[n_tokens:] = np.nan
+        self._look_q = None  # the recorded queries belong to the prompt just prefilled
+        if self._prior is not None:
+            self._prior[:, n_tokens:] = 0
 
     def reset(self) -> None:
         self.truncate(0)
