@@ -30,26 +30,27 @@ def prefill(model, cache, tokens: Sequence[int], chunk: int = PREFILL_CHUNK,
     tokens = np.asarray(tokens, dtype=np.int64)
     if len(tokens) == 0:
         raise InputError("nothing to prefill: the prompt is empty")
-    logits = None
     chunk = min(chunk, getattr(cache, "max_chunk", chunk))  # budgeted caches take smaller chunks
-    passes = 2 if getattr(cache, "wants_lookahead", False) else 1
-    start_pos = cache.offset
-    for p in range(passes):
-        if p == 0 and passes == 2:  # a first pass that only records the prompt's last queries (Policy.lookahead)
-            cache.begin_lookahead(start_pos + len(tokens))
+    lookahead = getattr(cache, "wants_lookahead", False)
+    passes = 2 if lookahead else 1
+
+    def feed(p: int) -> np.ndarray:  # pass p of `passes`: the whole prompt in chunks -> the last chunk's logits
+        for start in range(0, len(tokens), chunk):
+            logits = model.forward(tokens[start : start + chunk], cache)
+            if progress:
+                progress((p * len(tokens) + min(start + chunk, len(tokens))) // passes, len(tokens))
+        return logits
+
+    if lookahead:  # a first pass that only records the prompt's last queries (Policy.lookahead)
+        start_pos = cache.offset
+        cache.begin_lookahead(start_pos + len(tokens))
         try:
-            for start in range(0, len(tokens), chunk):
-                logits = model.forward(tokens[start : start + chunk], cache)
-                if progress:
-                    done = p * len(tokens) + min(start + chunk, len(tokens))
-                    progress(done // passes, len(tokens))
-        except BaseException:  # Ctrl-C or an error in the first pass: back to where the prompt began, nothing kept
-            if p == 0 and passes == 2:
-                cache.end_lookahead(start_pos, keep=False)
+            feed(0)
+        except BaseException:  # Ctrl-C or an error: back to where the prompt began, nothing kept
+            cache.end_lookahead(start_pos, keep=False)
             raise
-        if p == 0 and passes == 2:
-            cache.end_lookahead(start_pos)  # back to where the prompt began, queries kept for the second pass
-    return logits[-1]
+        cache.end_lookahead(start_pos)  # back to where the prompt began, queries kept for the second pass
+    return feed(passes - 1)[-1]
 
 
 def generate_step(model, cache, prompt: Sequence[int], sampler: Callable, history: list[int] | None = None,

@@ -40,10 +40,16 @@ def softmax_lastdim(scores: np.ndarray) -> np.ndarray:
     return e / np.sum(e, axis=-1, keepdims=True)
 
 
+def logsumexp(x: np.ndarray) -> np.ndarray:
+    """log sum exp over the last axis, in float64: (..., n) -> (..., 1). Rows need one finite entry."""
+    x = x.astype(np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    return m + np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     logits = logits.astype(np.float64)
-    m = np.max(logits, axis=-1, keepdims=True)
-    return logits - m - np.log(np.sum(np.exp(logits - m), axis=-1, keepdims=True))
+    return logits - logsumexp(logits)
 
 
 def token_logprobs(xp, logits, ids) -> np.ndarray:

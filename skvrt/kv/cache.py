@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import ckernels
 from ..errors import ContextOverflowError, InputError
+from ..ops import logsumexp
 from . import layout, rdr, slot_mass
 from .ada import AdaTier, split_bits
 from .attention import softmax_attend
@@ -222,7 +223,8 @@ class PagedKVCache:
         self.wants_lookahead = bool(policy.allocator == "rdr" and (
             policy.lookahead or (policy.lookahead is None and not self.holds_all)))
         self._look_end = None  # while recording: the prompt's end position; its last `obs` queries are kept
-        self._look_rec = {}  # layer -> [(q (nq, t, D), lse (nq, t), positions (t,))] recorded in the first pass
+        self._look_rec = {}  # layer -> {"q": per KV head [(G, t, D)], "lse": per KV head [(G, t)], "pos": [(t,)]}, one
+        # entry per chunk, recorded in the first pass
         self._look_q = None  # second pass: layer -> (q (nq, n, D), lse (nq, n), positions (n,)): the prompt's last
         # queries
         self._prior = np.zeros((heads, n_ctx), np.float32) if self.wants_lookahead else None  # (L H, n_ctx) the
@@ -843,9 +845,11 @@ class PagedKVCache:
         rec = self._look_rec
         self._look_end, self._look_rec = None, {}
         self.truncate(start)
-        if keep:
-            self._look_q = {layer: tuple(np.concatenate([r[i] for r in parts], axis=-2 if i == 0 else -1) for i in range(3))
-                            for layer, parts in rec.items()}
+        if keep:  # per layer: (q (nq, n, D), lse (nq, n), positions (n,)), query heads in order
+            self._look_q = {layer: (np.concatenate([np.concatenate(c, axis=1) for c in r["q"]]),
+                                    np.concatenate([np.concatenate(c, axis=1) for c in r["lse"]]),
+                                    np.concatenate(r["pos"]))
+                            for layer, r in rec.items()}
 
     def _record_queries(self, layer: int, h: int, q: np.ndarray, scores: np.ndarray, kpos: np.ndarray,
                         qpos: np.ndarray) -> None:
@@ -853,16 +857,13 @@ class PagedKVCache:
         rows = (qpos >= self._look_end - self.policy.obs) & (qpos < self._look_end)
         if not rows.any():
             return
-        s = np.where(kpos[None, None, :] > qpos[rows][None, :, None], -np.inf, scores[:, rows]).astype(np.float64)
-        m = s.max(-1, keepdims=True)
-        lse = (m + np.log(np.exp(s - m).sum(-1, keepdims=True)))[..., 0]  # (G, t)
-        parts = self._look_rec.setdefault(layer, [])
+        s = np.where(kpos[None, None, :] > qpos[rows][None, :, None], -np.inf, scores[:, rows])  # (G, t, N)
+        H = self.n_kv_heads
+        rec = self._look_rec.setdefault(layer, {"q": [[] for _ in range(H)], "lse": [[] for _ in range(H)], "pos": []})
+        rec["q"][h].append(q[:, rows].astype(np.float32))
+        rec["lse"][h].append(logsumexp(s)[..., 0])
         if h == 0:
-            parts.append([[], []])
-        parts[-1][0].append(q[:, rows].astype(np.float32))
-        parts[-1][1].append(lse)
-        if h == self.n_kv_heads - 1:  # the query heads of every KV head, in order: (nq, t, D), (nq, t), (t,)
-            parts[-1] = (np.concatenate(parts[-1][0]), np.concatenate(parts[-1][1]), qpos[rows].astype(np.int64))
+            rec["pos"].append(qpos[rows].astype(np.int64))
 
     def _note_prior(self, layer: int, h: int, k: np.ndarray, pos: np.ndarray) -> None:
         """Tokens of (layer, h) leaving the window (keys k (n, D) float32 at positions pos (n,)): their attention
