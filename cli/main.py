@@ -243,7 +243,7 @@ def calibrate(
               f"{r['bytes_per_token_head']:.2f} | {r['fraction_of_fp16']:.3f} | {r['logit_rel_mse']:.2e} | "
               f"{r['attn_out_cosine']:.5f} |")
     if ladder:
-        print("\nLadder distortion d = logit term E (s_hat - s)^2 + value term E ||v_hat - v||^2 / E ||v - o||^2 "
+        print("\nLadder distortion d = logit term E_t[sum_j p_t(j) (s_hat - s)^2] (attention-weighted) + value term E ||v_hat - v||^2 / E ||v - o||^2 "
               "(0 = dense, 1 = as if the token were dropped), over (layer, kv head):")
         print("| ladder tier | key bits/token/head | mean d | logit term | value term | d min | d max |")
         print("|---|---|---|---|---|---|---|")

@@ -8,21 +8,30 @@ the statistics, the last HELD_BACK (held back) the ladder's distortion.
 Statistics (post-RoPE):
     q_sq       (L, H, D)  mean of q_d^2 over tokens and the query heads of the KV head's group
     k_range_sq (L, H, D)  mean over pages of P consecutive tokens of (max - min)^2 of key channel d
-ADA tiers spread their key bits over pairs by weight_i = sum over the pair's two channels of q_sq * k_range_sq
-(skvrt.kv.ada.allocate_bits), so any tier size can be built from the sidecar.
+    angle_err, radius_err (L, H, D/2, MAX_WIDTH + 1)  the attention-weighted squared logit error of pair i when
+               only its angle (radius) is coded with b bits in page-local frames of P tokens, the other exact
+               (skvrt.kv.ada.polar_error_tables with attention_moments: each key weighted by the attention the
+               calibration's queries give it; the first TABLE_TOKENS tokens of the statistics part)
+ADA tiers choose every pair's angle and radius widths from the two tables (skvrt.kv.ada.allocate_polar_bits), so any
+tier size can be built from the sidecar. Sidecars without the tables spread key bits over pairs by weight_i = sum
+over the pair's two channels of q_sq * k_range_sq (skvrt.kv.ada.allocate_bits) and split them evenly (on the dev
+text, all old tokens at ada128-v4: KL 0.0185 that way, 0.0137 from the tables; docs/ADA_NOTES.md).
 
 Tier distortion ladder_distortion (L, H, n_tiers), measured for every tier of MEASURED_TIERS (a menu: any
 ladder built from these tiers gets measured distortions, `Calibration.distortion`): tier (key_bits, v_bits) is
-AdaTier(allocate_bits(pair_weight, key_bits), v_bits, v_group). Per (layer, kv head), the held-back tokens'
+Calibration.ada_tier(key_bits, v_bits, v_group). Per (layer, kv head), the held-back tokens'
 keys and values are encoded page-locally (pages of LADDER_PAGE tokens, as the cache does) and the pages cut
 into spans of up to SPAN_PAGES pages; within a span every token's query heads (the G of the kv head's group)
 attend causally to the span's tokens (key j <= query t). With s = q.k / sqrt(D) the exact logits, s_hat the
-codec's (from the codes), v / v_hat exact / dequantised values and o = softmax(s) @ v the exact output:
-    d = E[(s_hat - s)^2] + E||v_hat - v||^2 / E||v - o||^2
-the first term over causal (query, key) pairs, the value error over keys, E||v - o||^2 over causal pairs.
-For a token with attention weight p, a logit error ds moves the output by ~ p ds (v - o), a value error dv by
-p dv, and dropping the token by ~ p (v - o): d is the tier's error relative to dropping the token
-(dense 0, dropped 1).
+codec's (from the codes), v / v_hat exact / dequantised values, p_t = softmax(s_t) the attention of query t
+and o = p @ v the exact output:
+    d = E_t[sum_j p_t(j) (s_hat_tj - s_tj)^2] + E||v_hat - v||^2 / E||v - o||^2
+the first term over queries (the keys' squared logit error, weighted by the attention they get), the value
+error over keys, E||v - o||^2 over causal pairs. For a key with attention weight p, a logit error ds moves
+the output by ~ p ds (v - o), a value error dv by p dv, and dropping the key by ~ p (v - o): d is the tier's
+error relative to dropping the key (dense 0, dropped 1). (Until session 10 the logit term was a plain mean over
+causal pairs; the attention-weighted one counts the keys attention uses, which the measured key widths favour;
+docs/ADA_NOTES.md.)
 
 Default calibration text: text the model writes itself from fixed prompts (seeded sampling), never the
 evaluation text. `--text FILE` uses the user's file instead.
@@ -31,6 +40,7 @@ evaluation text. `--text FILE` uses the user's file instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -45,9 +55,11 @@ from .loader import SIDECAR  # one name for the sidecar file
 from .safetensors_io import read_safetensors, read_safetensors_header, write_safetensors
 
 FORMAT = 1
+TABLE_TOKENS = 2048  # the error tables use the first this many calibration tokens (their attention is O(T^2))
 HELD_BACK = 0.25  # fraction of the calibration tokens held back from the statistics, for the ladder
-DEFAULT_LADDER = ((256, 4), (192, 2), (128, 2))  # the spherical policy's ADA tiers (key bits per token per head,
-# value bits), richest first; skvrt.kv.DEFAULT_LADDER is this one
+DEFAULT_LADDER = ((256, 4), (192, 2))  # the spherical policy's ADA tiers (key bits per token per head, value bits),
+# richest first; skvrt.kv.DEFAULT_LADDER is this one. (256:4 / 192:2 / 128:2 until session 10: with the measured key
+# widths the 128:2 step cost more than it saved, dev KL at 25 % 0.0097 with it, 0.0076 without; docs/QUALITY.md)
 MEASURED_TIERS = ((256, 4), (256, 2), (192, 4), (192, 2), (128, 4), (128, 2), (96, 2), (64, 2))  # the menu
 LADDER_V_GROUP = 64  # value group of the ladder's tiers (the gcd with head_dim when it does not divide it)
 LADDER_PAGE = 64  # tokens per page in the distortion measurement
@@ -72,6 +84,27 @@ class Calibration:
     k_range_sq: np.ndarray  # (L, H, D)
     meta: dict
     ladder_distortion: np.ndarray | None = None  # (L, H, n_tiers) d of the tiers of meta["ladder"] (the menu)
+    angle_err: np.ndarray | None = None  # (L, H, D/2, MAX_WIDTH + 1) logit error of angle codes of 0.. bits
+    radius_err: np.ndarray | None = None  # (L, H, D/2, MAX_WIDTH + 1) the same for radius codes
+
+    def ada_tier(self, key_bits: int, v_bits: int = 4, v_group: int = LADDER_V_GROUP):
+        """The ADA tier of key_bits per token per head: widths from the error tables, else from pair_weight."""
+        from .kv.ada import AdaTier, allocate_bits, allocate_polar_bits
+
+        key = (int(key_bits),)
+        if key not in self._widths:
+            if self.angle_err is not None:
+                self._widths[key] = allocate_polar_bits(self.angle_err, self.radius_err, int(key_bits))
+            else:
+                self._widths[key] = (allocate_bits(self.pair_weight, int(key_bits)), None)
+        bits, radius = self._widths[key]
+        if radius is None:
+            return AdaTier(bits, v_bits, v_group)
+        return AdaTier.polar(bits, radius, v_bits, v_group)
+
+    @functools.cached_property
+    def _widths(self) -> dict:  # key bits -> (angle bits, radius bits) or (pair bits, None)
+        return {}
 
     @property
     def pair_weight(self) -> np.ndarray:
@@ -94,6 +127,8 @@ class Calibration:
 
     def save(self, folder: Path) -> Path:
         tensors = {"q_sq": self.q_sq, "k_range_sq": self.k_range_sq}
+        if self.angle_err is not None:
+            tensors.update(angle_err=self.angle_err.astype(np.float32), radius_err=self.radius_err.astype(np.float32))
         if self.ladder_distortion is not None:
             tensors["ladder_distortion"] = self.ladder_distortion.astype(np.float32)
         return write_safetensors(folder / SIDECAR, tensors, metadata={"skvrt": json.dumps(self.meta)})
@@ -118,6 +153,16 @@ def load_calibration(folder: str | Path) -> Calibration | None:
             raise ModelLoadError(f"{path}: ladder_distortion {d.shape} does not match the ladder in its metadata; "
                                  "run `skvrt calibrate`")
         cal.ladder_distortion = d
+    if ("angle_err" in t) != ("radius_err" in t):
+        raise ModelLoadError(f"{path} has one of angle_err / radius_err without the other; run `skvrt calibrate`")
+    if "angle_err" in t:
+        from .kv.ada import MAX_WIDTH
+
+        want = (*cal.q_sq.shape[:2], cal.q_sq.shape[2] // 2, MAX_WIDTH + 1)
+        ea, er = np.asarray(t["angle_err"]), np.asarray(t["radius_err"])
+        if ea.shape != want or er.shape != want or not (np.isfinite(ea).all() and np.isfinite(er).all()):
+            raise ModelLoadError(f"{path}: angle_err / radius_err are not finite {want} tables; run `skvrt calibrate`")
+        cal.angle_err, cal.radius_err = ea, er
     return cal
 
 
@@ -131,10 +176,12 @@ def self_generated_text(llm, tokens_per_prompt: int = 160, seed: int = 0) -> str
 
 
 def collect_stats(model, tokens: np.ndarray, page_size: int = 64, chunk: int = 256,
-                  progress=None, held_back: float = 0.0):
+                  progress=None, held_back: float = 0.0, tables: bool = False):
     """Prefill `tokens` with a dense float32 cache, hooking the cache to see post-RoPE q, k and v per layer.
 
-    -> (q_sq, k_range_sq) from the first n_fit = int(T (1 - held_back)) tokens; with held_back > 0
+    -> (q_sq, k_range_sq) from the first n_fit = int(T (1 - held_back)) tokens (with tables: (q_sq, k_range_sq,
+    angle_err, radius_err), `polar_error_tables` over the whole pages of the first min(n_fit, TABLE_TOKENS)
+    tokens, weighted by their `attention_moments`); with held_back > 0
     -> (stats, held), held[layer] = (q (nq, Th, D), k (H, Th, D), v (H, Th, D)) of the last Th = T - n_fit."""
     from .kv import make_cache
 
@@ -143,6 +190,7 @@ def collect_stats(model, tokens: np.ndarray, page_size: int = 64, chunk: int = 2
     n_fit = int(len(tokens) * (1 - held_back))
     cache = make_cache(a, len(tokens) + 1, "full", "float32")
     q_sum = np.zeros((L, H, D))
+    q_fit = [[] for _ in range(L)]  # (nq, t, D) chunks of the first TABLE_TOKENS fit tokens' queries (tables)
     q_held = [[] for _ in range(L)]  # (nq, t, D) chunks of the held-back tokens' queries
     keys, values = [[] for _ in range(L)], [[] for _ in range(L)]  # (H, t, D) chunks
     attend, append = cache.attend, cache.append
@@ -150,6 +198,8 @@ def collect_stats(model, tokens: np.ndarray, page_size: int = 64, chunk: int = 2
     def hook_attend(layer, q, pos):
         fit = pos < n_fit
         q_sum[layer] += np.square(q[:, fit].astype(np.float64)).reshape(H, G, -1, D).sum(axis=(1, 2))
+        if tables:
+            q_fit[layer].append(q[:, fit & (pos < TABLE_TOKENS)].copy())
         q_held[layer].append(q[:, ~fit].copy())
         return attend(layer, q, pos)
 
@@ -170,6 +220,14 @@ def collect_stats(model, tokens: np.ndarray, page_size: int = 64, chunk: int = 2
         pages = keys[layer][:, : n_pages * page_size].reshape(H, n_pages, page_size, D)
         k_range[layer] = np.mean(np.square(pages.max(2) - pages.min(2)), axis=1)
     stats = (q_sum / (n_fit * G)).astype(np.float32), k_range.astype(np.float32)
+    if tables:
+        from .kv.ada import polar_error_tables
+
+        n_tab = min(n_fit, TABLE_TOKENS)
+        errs = np.array([[polar_error_tables(keys[layer][h, :n_tab], attention_moments(
+            np.concatenate(q_fit[layer], axis=1)[h * G : (h + 1) * G, :n_tab], keys[layer][h, :n_tab]), page_size)
+            for h in range(H)] for layer in range(L)])  # (L, H, 2, D/2, W + 1)
+        stats = (*stats, errs[:, :, 0].astype(np.float32), errs[:, :, 1].astype(np.float32))
     if not held_back:
         return stats
     held = [(np.concatenate(q_held[layer], axis=1), keys[layer][:, n_fit:], values[layer][:, n_fit:])
@@ -177,12 +235,34 @@ def collect_stats(model, tokens: np.ndarray, page_size: int = 64, chunk: int = 2
     return stats, held
 
 
+def attention_moments(q: np.ndarray, k: np.ndarray, block: int = 128) -> np.ndarray:
+    """What each key's code error costs: q (G, T, D) queries and k (T, D) keys of one kv head (causal, position
+    t attends to keys j <= t) -> (T, D/2, 3), per key j and RoPE pair i the attention-weighted second moments
+    sum over queries (g, t) of p_gt(j) (q_x^2, q_y^2, q_x q_y), / (G T). With them, polar_error_tables gives
+    the attention-weighted squared logit error E_q[sum_j p(j) ds_j^2], twice the first-order KL of the attention
+    distribution (uniform weights over (query, key) pairs chose allocations with lower logit MSE but worse model
+    KL: docs/ADA_NOTES.md)."""
+    G, T, D = q.shape
+    h2 = D // 2
+    out = np.zeros((T, h2, 3))
+    kk = k.astype(np.float64)
+    for t0 in range(0, T, block):
+        qb = q[:, t0 : t0 + block].astype(np.float64)  # (G, b, D)
+        s = np.einsum("gbd,jd->gbj", qb, kk) / np.sqrt(D)
+        causal = np.arange(T)[None, None, :] <= np.arange(t0, t0 + qb.shape[1])[None, :, None]
+        s = np.where(causal, s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        x, y = qb[..., :h2], qb[..., h2:]
+        out[..., 0] += np.einsum("gbj,gbi->ji", p, x * x)
+        out[..., 1] += np.einsum("gbj,gbi->ji", p, y * y)
+        out[..., 2] += np.einsum("gbj,gbi->ji", p, x * y)
+    return out / (G * T)
+
+
 def ladder_tiers(cal: Calibration, ladder=DEFAULT_LADDER, v_group: int = LADDER_V_GROUP) -> list:
     """The ladder's ADA tiers, key bits allocated from the calibration's pair weights."""
-    from .kv.ada import AdaTier, allocate_bits
-
-    return [AdaTier(allocate_bits(cal.pair_weight, key_bits), v_bits=v_bits, v_group=v_group)
-            for key_bits, v_bits in ladder]
+    return [cal.ada_tier(key_bits, v_bits, v_group) for key_bits, v_bits in ladder]
 
 
 def ladder_distortion(held, tiers, page_size: int = LADDER_PAGE, span_pages: int = SPAN_PAGES,
@@ -205,7 +285,7 @@ def ladder_distortion(held, tiers, page_size: int = LADDER_PAGE, span_pages: int
                 data = tier.alloc(n, page_size, D)
                 for p in range(n):
                     tier.write_page(data, p, k[p], v[p], (layer, h))
-                key = tier.pair_bits[layer, h].tobytes()
+                key = b"".join(w[layer, h].tobytes() for w in tier.widths)
                 out[layer, h, i] = _distortion_terms(tier, data, q, k, v, (layer, h), span_pages, logit_of.get(key))
                 logit_of[key] = out[layer, h, i, 0]
         if progress:
@@ -215,28 +295,31 @@ def ladder_distortion(held, tiers, page_size: int = LADDER_PAGE, span_pages: int
 
 def _distortion_terms(tier, data, q, k, v, lh, span_pages: int, logit: float | None = None) -> tuple[float, float]:
     """Pages 0 .. n-1 of `data` hold k, v (n, P, D) encoded; q (G, n P, D) the same tokens' queries.
-    -> (E[(s_hat - s)^2] over causal pairs, E||v_hat - v||^2 / E||v - o||^2) over spans of span_pages pages;
-    `logit`: the first term when it is already known (same key codes), then only the exact logits are computed."""
+    -> (E_t[sum_j p_t(j) (s_hat - s)^2] over queries, E||v_hat - v||^2 / E||v - o||^2) over spans of span_pages
+    pages; `logit`: the first term when it is already known (same key codes), then only the exact logits are
+    computed."""
     G, _, D = q.shape
     n, P, _ = k.shape
     scale = D**-0.5
     v_err = np.mean(np.sum(np.square(tier.read_values(data, np.arange(n)) - v, dtype=np.float64), -1))
     logit_sq = drop_sq = 0.0
-    pairs = 0
+    pairs = queries = 0
     for p0 in range(0, n, span_pages):
         pids = np.arange(p0, min(p0 + span_pages, n))
         ks, vs = k[pids].reshape(-1, D), v[pids].reshape(-1, D).astype(np.float64)  # (S, D)
         qs = q[:, p0 * P : (p0 + len(pids)) * P]  # (G, S, D)
         causal = np.tril(np.ones((len(ks), len(ks)), bool))  # [query t, key j]: j <= t
         s = np.einsum("gtd,jd->gtj", qs, ks).astype(np.float64) * scale  # (G, S, S)
-        o = _softmax(np.where(causal, s, -np.inf)) @ vs  # (G, S, D)
+        attn = _softmax(np.where(causal, s, -np.inf))  # (G, S, S)
+        o = attn @ vs  # (G, S, D)
         v_o = np.sum(vs**2, -1) + np.sum(o**2, -1)[..., None] - 2 * o @ vs.T  # (G, S, S) ||v_j - o_t||^2
         if logit is None:
             s_hat = tier.scores(data, pids, qs, lh, scale).reshape(s.shape)
-            logit_sq += np.sum(np.square(s_hat - s), where=causal)
+            logit_sq += np.sum(attn * np.square(s_hat - s), where=causal)
         drop_sq += np.sum(v_o, where=causal)
         pairs += G * int(causal.sum())
-    return (logit_sq / pairs if logit is None else logit), v_err / (drop_sq / pairs)
+        queries += G * len(ks)
+    return (logit_sq / queries if logit is None else logit), v_err / (drop_sq / pairs)
 
 
 def report(cal: "Calibration", held, tiers=(64, 96, 128, 160, 192, 256), v_bits=(8, 4), page_size: int = 64,
@@ -244,14 +327,13 @@ def report(cal: "Calibration", held, tiers=(64, 96, 128, 160, 192, 256), v_bits=
     """Per ADA tier: bytes per token per head (K, V, metadata) and distortion on held-back keys: logit MSE
     relative to the exact logits' variance, and cosine of attention outputs with exact and coded keys (softmax
     over the held-back keys of a page group, exact values)."""
-    from .kv.ada import AdaTier, allocate_bits
 
     L, H, D = cal.q_sq.shape
     G = held[0][0].shape[0] // H
     rows = []
     for bits in tiers:
         vg = min(32, D)
-        tier = AdaTier(allocate_bits(cal.pair_weight, bits), v_bits=v_bits[-1], v_group=vg)
+        tier = cal.ada_tier(bits, v_bits[-1], vg)
         mse, cos = [], []
         for layer in range(L):
             q_l, k_l, v_l = held[layer]
@@ -274,7 +356,7 @@ def report(cal: "Calibration", held, tiers=(64, 96, 128, 160, 192, 256), v_bits=
                                                                    np.linalg.norm(o_got, axis=-1))))
         P = page_size
         for vb in v_bits:
-            t = AdaTier(tier.pair_bits, v_bits=vb, v_group=vg)
+            t = cal.ada_tier(bits, vb, vg)
             rows.append({"tier": t.name, "key_bits": bits, "v_bits": vb,
                          "k_bytes": bits / 8, "v_bytes": D * vb / 8,
                          "metadata_bytes": (t.page_bytes(P, D) - P * bits // 8 - P * D * vb // 8) / P,
@@ -310,12 +392,12 @@ def calibrate(llm, text: str | None = None, source: str = "self-generated", ladd
         if len(tokens) < 256:
             raise ModelLoadError(f"calibration text is too short ({len(tokens)} tokens; at least 256 needed)")
         task = bar.add_task("calibrate: prefill", total=len(tokens))
-        (q_sq, k_range_sq), held = collect_stats(llm.model, tokens, progress=lambda d, t: bar.update(task, completed=d),
-                                                 held_back=HELD_BACK)
+        (q_sq, k_range_sq, angle_err, radius_err), held = collect_stats(
+            llm.model, tokens, progress=lambda d, t: bar.update(task, completed=d), held_back=HELD_BACK, tables=True)
         n_held = held[0][1].shape[1]
         meta = {"format": FORMAT, "source": source, "tokens": int(len(tokens)), "held_back_tokens": n_held,
                 "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
-        cal = Calibration(q_sq, k_range_sq, meta)
+        cal = Calibration(q_sq, k_range_sq, meta, angle_err=angle_err, radius_err=radius_err)
         if ladder:
             task = bar.add_task("calibrate: ladder distortion on held-back tokens", total=len(held))
             tiers = ladder_tiers(cal, ladder, v_group)

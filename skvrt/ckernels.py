@@ -248,7 +248,7 @@ def paged_decode_unchecked(L, q, descs, fill, page_ids, page_tiers, n_pages, sca
 def ada_decode_pages(ada_pool, pids, angle_bits, radius_bits, L=None):
     """C twin of AdaTier.decode_keys + read_values for pages `pids` of one (layer, kv head):
     -> keys, values (n, P, D) float32 (slots past a page's fill: unspecified). angle_bits, radius_bits (D/2,)
-    uint8 = ada.split_bits(tier.pair_bits[layer, head]). Shapes: see kernels_c/attention_ada.c."""
+    uint8 = tier.widths_at((layer, head)). Shapes: see kernels_c/attention_ada.c."""
     import numpy as np
 
     L = L or lib()
@@ -290,7 +290,7 @@ def _ada_encode_args(pool, k, v, angle_bits, radius_bits):
 def ada_write(pool, pid: int, k, v, angle_bits, radius_bits, L=None) -> None:
     """C twin of AdaTier.write_page(pool.data, pid, k, v, lh): encode n <= P tokens k, v (n, D) float32 into
     the empty page pid of `pool` (a TierPool of an AdaTier). angle_bits, radius_bits (D/2,) uint8 =
-    ada.split_bits(tier.pair_bits[layer, head]). Same bytes as the NumPy twin (kernels_c/ada_encode.c)."""
+    tier.widths_at((layer, head)). Same bytes as the NumPy twin (kernels_c/ada_encode.c)."""
     L = L or lib()
     k, v, ab, rb, ptrs, shape = _ada_encode_args(pool, k, v, angle_bits, radius_bits)
     rc = L.skvrt_ada_write(*ptrs, int(pid), len(k), ptr(k), ptr(v), ptr(ab), ptr(rb), *shape)

@@ -16,8 +16,8 @@ one H200), `--dry-run` anywhere (the same code paths on the CPU CUDA emulator at
    heads, head_dim 128), random-initialised pages laid out as the frame arena lays them out, pages scattered
    over the arena; for `full` (dense float16 pages), `ada` (the ADA tier of `--kv-policy ada`'s defaults:
    192 key bits, 4-bit values in groups of 32, after 4 sinks + a 64-token dense window) and `spherical-mix`
-   (the ADA tiers of the default RDR ladder, 256:4 / 192:2 / 128:2 with value groups of 64, old tokens split
-   evenly over the three -- a fixed mix, not RDR's choice; no old token kept dense), at each context. One
+   (the ADA tiers of the default RDR ladder, 256:4 / 192:2 with value groups of 64, old tokens split
+   evenly over the two -- a fixed mix, not RDR's choice; no old token kept dense), at each context. One
    decode step = the 32 layers' split-K partial + combine kernels, captured in a CUDA graph and replayed
    (eager launches if capture fails, said in the table). Achieved HBM bandwidth = bytes the kernels must read (page payloads: keys / codes, values,
    scales, frames; not the tables) / time.
@@ -239,7 +239,7 @@ def bench_attention(module, xp, shape: Shape, contexts: list[int], configs=("ful
     out = out or sys.stdout
     from .cuda import attention as ca
     from .kv import layout
-    from .kv.ada import AdaTier, split_bits
+    from .kv.ada import AdaTier
 
     rng = np.random.default_rng(seed)
     xp.random.seed(seed)
@@ -305,7 +305,7 @@ def bench_attention(module, xp, shape: Shape, contexts: list[int], configs=("ful
                     tl = []
                     for tier, f in zip(tiers, pools):
                         if isinstance(tier, AdaTier):
-                            ba, br = split_bits(tier.pair_bits[0])
+                            ba, br = tier.widths_at(0)
                             tl.append(ca.ada_tier(xp, f, ba, br, tier.v_bits, tier.v_group))
                         else:
                             tl.append(ca.dense_tier(xp, f["k"], f["v"]))

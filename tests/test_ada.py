@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from skvrt.calibrate import Calibration
 from skvrt.kv import make_policy
-from skvrt.kv.ada import AdaTier, allocate_bits, pack_bits, split_bits, unpack_bits
+from skvrt.kv.ada import (MAX_WIDTH, AdaTier, allocate_bits, allocate_polar_bits, pack_bits, polar_error_tables,
+                          split_bits, unpack_bits)
 from skvrt.kv.attention import attend_dense
 from skvrt.kv.cache import PagedKVCache
 
@@ -67,7 +68,7 @@ def test_codec_error_bounded_by_the_frame():
     h2 = D // 2
     rho, rho_h = np.hypot(k[:, :h2], k[:, h2:]), np.hypot(kh[:, :h2], kh[:, h2:])
     dphi = np.abs(np.angle(np.exp(1j * (np.arctan2(k[:, h2:], k[:, :h2]) - np.arctan2(kh[:, h2:], kh[:, :h2])))))
-    ba, br = split_bits(tier.pair_bits[0, 1])
+    ba, br = tier.widths_at((0, 1))
     for i in range(h2):
         if ba[i] > 0:  # angle within half a step (plus fp16 rounding of the frame)
             # fp16 frame: theta0 off by <= 1 ulp at pi (0.002), gamma by 2**-11 relative per step
@@ -143,3 +144,59 @@ def test_prefill_path_equals_decode_path_over_ada_pages():
     together = cache.attend(0, q, np.full(12, T))
     one_by_one = np.concatenate([cache.attend(0, q[:, t : t + 1], np.array([T])) for t in range(12)], axis=1)
     np.testing.assert_allclose(together, one_by_one, atol=2e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 16))
+def test_polar_allocation_is_optimal_for_convex_tables(seed, total):
+    """Decreasing convex error tables (each bit saves less than the one before): the greedy allocation of angle
+    and radius bits reaches the brute-force optimum of sum_i angle_err[i, ba_i] + radius_err[i, br_i]."""
+    rng = np.random.default_rng(seed)
+    W = 4
+    steps = np.sort(rng.uniform(0, 1, (2, 2, W)), axis=-1)[..., ::-1] * rng.lognormal(0, 2, (2, 2, 1))  # saves
+    tables = rng.uniform(0, 0.1, (2, 2, 1)) + np.concatenate([steps[..., ::-1].cumsum(-1)[..., ::-1],
+                                                              np.zeros((2, 2, 1))], axis=-1)  # (2 tables, 2 pairs, W+1)
+    ea, er = tables
+    ba, br = allocate_polar_bits(ea, er, total, max_pair=8)
+    assert ba.sum() + br.sum() == total and (ba <= W).all() and (br <= W).all()
+    cost = lambda a, r: float(sum(ea[i, a[i]] + er[i, r[i]] for i in range(2)))  # noqa: E731
+    best = min(cost(c[:2], c[2:]) for c in itertools.product(range(W + 1), repeat=4) if sum(c) == total)
+    assert cost(ba, br) <= best + 1e-12
+
+
+def test_polar_allocation_skips_a_useless_first_bit():
+    """A 1-bit angle code can cost more than none (its two levels sit on the arc's ends): two bits together win."""
+    ea = np.array([[1.0, 1.5, 0.05, 0.04, 0.03, 0.02, 0.01]])
+    er = np.array([[0.5, 0.3, 0.2, 0.15, 0.1, 0.08, 0.06]])
+    assert [int(x[0]) for x in allocate_polar_bits(ea, er, 2)] == [2, 0]
+    assert [int(x[0]) for x in allocate_polar_bits(ea, er, 3)] == [2, 1]
+    with pytest.raises(ValueError, match="do not fit"):
+        allocate_polar_bits(ea, er, 13)
+
+
+def test_polar_error_tables_predict_the_tiers_logit_error():
+    """The tables are the logit error of each pair's angle code alone and radius code alone; a tier coding both
+    (write_page, decode_keys) has within a few % of their sum, pair by pair, for fine radius codes."""
+    rng = np.random.default_rng(5)
+    D, P = 64, 64
+    h2 = D // 2
+    k = random_keys(rng, 4 * P, D)
+    q = rng.normal(size=(500, D)) * rng.lognormal(0, 1, D)
+    q[:, h2:] += 0.5 * q[:, :h2]  # correlated pair coordinates: the cross moment matters
+    mom = np.stack([np.mean(q[:, :h2] ** 2, 0), np.mean(q[:, h2:] ** 2, 0), np.mean(q[:, :h2] * q[:, h2:], 0)], -1)
+    ea, er = polar_error_tables(k, mom, P)
+    per_token = polar_error_tables(k, np.broadcast_to(mom, (len(k), h2, 3)), P)  # the same weights for every key
+    np.testing.assert_allclose(per_token, (ea, er), rtol=1e-12)
+    assert ea.shape == er.shape == (h2, MAX_WIDTH + 1) and (ea[:, 2:] > 0).all()
+    # from one bit on, each bit halves the step (0 bits: the mean; 1 bit: the two ends, which can be worse)
+    assert (np.diff(ea[:, 1:], axis=-1) <= 1e-12).all() and (np.diff(er[:, 1:], axis=-1) <= 1e-12).all()
+    for b in (1, 2, 3, 4):
+        tier = AdaTier.polar(np.full((1, 1, h2), b), np.full((1, 1, h2), MAX_WIDTH), v_bits=4, v_group=32)
+        data = tier.alloc(4, P, D)
+        for p in range(4):
+            tier.write_page(data, p, k[p * P : (p + 1) * P], np.zeros((P, D), np.float32), (0, 0))
+        e = tier.decode_keys(data, np.arange(4), (0, 0)).reshape(-1, D).astype(np.float64) - k
+        ex, ey = e[:, :h2], e[:, h2:]
+        measured = np.mean(mom[:, 0] * ex**2 + mom[:, 1] * ey**2 + 2 * mom[:, 2] * ex * ey, axis=0) / D  # (h2,)
+        predicted = ea[:, b] + er[:, MAX_WIDTH]
+        np.testing.assert_allclose(measured, predicted, rtol=0.1)

@@ -46,6 +46,75 @@ def test_stats_independent_of_chunking_and_match_stored_keys(tiny):
     assert (q1 > 0).all()
 
 
+def test_error_tables_from_the_model_queries_and_keys(tiny):
+    """collect_stats(tables=True): the tables are polar_error_tables over the first n_fit tokens' keys, each key
+    weighted by the attention the n_fit tokens' queries (G heads of its kv head) give it -- recomputed here in
+    float64 from the q and k a hooked cache sees, one query at a time."""
+    from skvrt.kv.ada import polar_error_tables
+
+    folder, model = tiny
+    tokens = np.random.default_rng(4).integers(0, 97, size=200)
+    (q_sq, _, ea, er), _ = collect_stats(model, tokens, page_size=16, held_back=0.2, tables=True)
+    n_fit = 160
+    cache = make_cache(model.args, 400, "full", "float32", page_size=16)
+    seen_q, seen_k = {}, {}
+    attend, append = cache.attend, cache.append
+    cache.attend = lambda layer, q, pos: (seen_q.setdefault(layer, q.copy()), attend(layer, q, pos))[1]
+    cache.append = lambda layer, k, v: (seen_k.setdefault(layer, k.copy()), append(layer, k, v))[1]
+    model.forward(tokens[:n_fit], cache)
+    H, G, D = 2, 2, 16
+    for layer in (0, 2):
+        q = seen_q[layer].astype(np.float64).reshape(H, G, n_fit, D)
+        for h in range(H):
+            k = seen_k[layer][h].astype(np.float64)
+            mom = np.zeros((n_fit, D // 2, 3))
+            for g in range(G):
+                for t in range(n_fit):
+                    s = k[: t + 1] @ q[h, g, t] / np.sqrt(D)
+                    p = np.exp(s - s.max())
+                    p /= p.sum()
+                    x, y = q[h, g, t, : D // 2], q[h, g, t, D // 2 :]
+                    mom[: t + 1] += p[:, None, None] * np.stack([x * x, y * y, x * y], -1)[None]
+            mom /= G * n_fit
+            np.testing.assert_allclose(q_sq[layer, h], np.mean(q[h] ** 2, (0, 1)), rtol=1e-4)
+            want = polar_error_tables(seen_k[layer][h], mom, 16)
+            np.testing.assert_allclose(ea[layer, h], want[0], rtol=1e-3, atol=1e-9)
+            np.testing.assert_allclose(er[layer, h], want[1], rtol=1e-3, atol=1e-9)
+
+
+def test_tables_choose_the_tiers_widths_and_roundtrip(tmp_path):
+    """A sidecar with error tables: tiers take allocate_polar_bits' widths; saved and loaded unchanged; tables
+    of the wrong shape or with one half missing are refused; without tables the pair-weight split remains."""
+    from skvrt.kv.ada import MAX_WIDTH, allocate_bits, allocate_polar_bits, split_bits
+
+    rng = np.random.default_rng(6)
+    q, k = rng.random((2, 3, 2, 16)).astype(np.float32)
+    ea, er = (rng.lognormal(0, 2, (2, 3, 2, 8, 1)) * 4.0 ** -np.arange(MAX_WIDTH + 1)).astype(np.float32)
+    cal = Calibration(q, k, {"format": 1}, angle_err=ea, radius_err=er)
+    tier = cal.ada_tier(32, 4, 8)
+    ba, br = allocate_polar_bits(ea, er, 32)
+    np.testing.assert_array_equal(tier.widths_at(), (ba, br))
+    assert (ba != split_bits(ba + br)[0]).any()
+    cal.save(tmp_path)
+    back = load_calibration(tmp_path)
+    np.testing.assert_array_equal(back.angle_err, ea)
+    np.testing.assert_array_equal(back.radius_err, er)
+    np.testing.assert_array_equal(back.ada_tier(32, 2, 8).widths_at(), (ba, br))
+    plain = Calibration(q, k, {"format": 1})
+    np.testing.assert_array_equal(plain.ada_tier(32, 4, 8).pair_bits, allocate_bits(plain.pair_weight, 32))
+    Calibration(q, k, {"format": 1}, angle_err=ea[..., :3], radius_err=er[..., :3]).save(tmp_path)
+    with pytest.raises(ModelLoadError, match="angle_err"):
+        load_calibration(tmp_path)
+    Calibration(q, k, {"format": 1}, angle_err=ea, radius_err=er).save(tmp_path)
+    from skvrt.safetensors_io import read_safetensors, write_safetensors
+
+    t = dict(read_safetensors(tmp_path / SIDECAR))
+    del t["radius_err"]
+    write_safetensors(tmp_path / SIDECAR, t, metadata={"skvrt": '{"format": 1}'})
+    with pytest.raises(ModelLoadError, match="without the other"):
+        load_calibration(tmp_path)
+
+
 def test_sidecar_roundtrip_and_corrupt(tmp_path):
     rng = np.random.default_rng(1)
     cal = Calibration(rng.random((3, 2, 16)).astype(np.float32), rng.random((3, 2, 16)).astype(np.float32),
@@ -104,21 +173,22 @@ def _slow_terms(tier, q, k, v, lh, P, span_pages):
     k_hat = tier.decode_keys(data, np.arange(n), lh).reshape(-1, D).astype(np.float64)
     v_hat = tier.read_values(data, np.arange(n)).reshape(-1, D).astype(np.float64)
     q, k, v = (x.astype(np.float64) for x in (q, k[: n * P], v[: n * P]))
-    logit_sq = drop_sq = pairs = 0
+    logit_sq = drop_sq = pairs = queries = 0
     for start in range(0, n * P, span_pages * P):
         for g in range(len(q)):
             for t in range(start, min(start + span_pages * P, n * P)):
                 keys = range(start, t + 1)
                 s = np.array([q[g, t] @ k[j] for j in keys]) / np.sqrt(D)
                 s_hat = np.array([q[g, t] @ k_hat[j] for j in keys]) / np.sqrt(D)
-                w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
-                o = sum(wj * v[j] for wj, j in zip(w, keys))
+                p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+                o = sum(pj * v[j] for pj, j in zip(p, keys))
                 for i, j in enumerate(keys):
-                    logit_sq += (s_hat[i] - s[i]) ** 2
+                    logit_sq += p[i] * (s_hat[i] - s[i]) ** 2  # weighted by the attention the key gets
                     drop_sq += np.sum((v[j] - o) ** 2)
                     pairs += 1
+                queries += 1
     v_err = np.mean([np.sum((v_hat[j] - v[j]) ** 2) for j in range(n * P)])
-    return logit_sq / pairs, v_err / (drop_sq / pairs)
+    return logit_sq / queries, v_err / (drop_sq / pairs)
 
 
 def test_ladder_distortion_matches_slow_twin():

@@ -20,7 +20,7 @@ import pytest
 from skvrt import ckernels
 from skvrt.calibrate import Calibration
 from skvrt.kv import make_policy
-from skvrt.kv.ada import split_bits
+from skvrt.kv.ada import MAX_WIDTH, split_bits
 from skvrt.kv.attention import softmax_attend
 from skvrt.kv.cache import PagedKVCache
 
@@ -36,11 +36,22 @@ def random_keys(rng, n, D):
     return np.concatenate([rad * np.cos(ang), rad * np.sin(ang)], axis=1).astype(np.float32)
 
 
-def build_cache(rng, L, H, D, P, T, tier, vb, dtype, sinks=4, window=24, chunk=37, skew=False, v_group=32):
+def polar_tables(rng, L, H, D):
+    """Error tables like a sidecar's (angle_err, radius_err (L, H, D/2, MAX_WIDTH + 1), falling ~4x per bit, pair
+    scales over decades): the allocation splits pairs unevenly (6-bit angles beside 0-bit radii and back)."""
+    b = np.arange(MAX_WIDTH + 1)
+    return tuple((rng.lognormal(0, 2.5, (L, H, D // 2, 1)) * 4.0 ** -b).astype(np.float32) for _ in range(2))
+
+
+def build_cache(rng, L, H, D, P, T, tier, vb, dtype, sinks=4, window=24, chunk=37, skew=False, v_group=32,
+                polar=False):
     """skew: calibration statistics spread over decades, so the allocation gives some pairs 0 bits and others
-    up to 12 (angle fields of 5-6 bits take the kernel's wide-LUT lookups)."""
+    up to 12 (angle fields of 5-6 bits take the kernel's wide-LUT lookups). polar: the calibration has error
+    tables, so angle and radius widths are chosen separately (allocate_polar_bits)."""
     stat = (lambda: rng.lognormal(0, 2.5, (L, H, D))) if skew else (lambda: rng.uniform(0.1, 2, (L, H, D)))
     cal = Calibration(stat().astype(np.float32), stat().astype(np.float32), {})
+    if polar:
+        cal.angle_err, cal.radius_err = polar_tables(rng, L, H, D)
     pol = make_policy("ada", sinks=sinks, window=window, tier=tier, v_bits=vb, v_group=v_group, calibration=cal)
     cache = PagedKVCache(L, H, D, n_ctx=T + 8, kv_dtype=dtype, page_size=P, policy=pol)
     kv = [(np.stack([random_keys(rng, T, D) for _ in range(H)]), rng.normal(size=(H, T, D)).astype(np.float32))
@@ -142,10 +153,21 @@ def test_mixed_decode_tiers_and_value_bits(key_bits, vb, vg, klib):
 def test_mixed_decode_skewed_allocation(key_bits, D, klib):
     rng = np.random.default_rng(key_bits + D)
     cache = build_cache(rng, 1, 2, D, 16, 150, key_bits, 4, "float16", window=16, skew=True)
-    ba, br = split_bits(cache.pools[1].tier.pair_bits)
+    ba, br = cache.pools[1].tier.widths_at()
     assert (ba == 0).any() if key_bits <= 128 else ba.max() >= 6
     scramble(rng, cache)
     check(cache, rng, G=4, L=klib)
+
+
+@pytest.mark.parametrize("key_bits", [64, 128, 256])
+@pytest.mark.parametrize("D", [64, 128])
+def test_mixed_decode_polar_widths(key_bits, D, klib):
+    rng = np.random.default_rng(key_bits + D + 1)
+    cache = build_cache(rng, 2, 2, D, 16, 150, key_bits, 4, "float16", window=16, polar=True)
+    ba, br = cache.pools[1].tier.widths_at()
+    assert (ba != split_bits(ba + br)[0]).any() and ((ba == 0) & (br > 0)).any() and (ba + br).sum(-1).min() == key_bits
+    scramble(rng, cache)
+    check(cache, rng, G=3, L=klib)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -221,7 +243,7 @@ def test_ada_decode_pages_matches_numpy_twin(key_bits, D, skew, klib):
     cache = build_cache(rng, 1, 2, D, 16, 150, key_bits, 4, "float16", window=16, skew=skew)
     scramble(rng, cache)
     ada = cache.pools[1]
-    ba, br = split_bits(ada.tier.pair_bits)
+    ba, br = ada.tier.widths_at()
     for h in range(2):
         ids, tiers = cache.table.pages(0, h)
         pids = ids[tiers == 1]

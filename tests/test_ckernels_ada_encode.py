@@ -99,9 +99,9 @@ class Pair:
     be a float16 tie (frames within one ulp, decodes within one step); otherwise a step may also be a branch
     cut (a token exactly opposite the circular mean: see `check`)."""
 
-    def __init__(self, rng, D, P, bits, vb, vg, n_pages=3, strict=True):
-        self.tier = AdaTier(bits[None, None], vb, vg)
-        self.ab, self.rb = (x.astype(np.uint8) for x in split_bits(bits))
+    def __init__(self, rng, D, P, bits, vb, vg, n_pages=3, strict=True, angle=None):
+        self.tier = AdaTier(bits[None, None], vb, vg, None if angle is None else angle[None, None])
+        self.ab, self.rb = (x[0, 0].astype(np.uint8) for x in self.tier.widths)
         self.pools = [TierPool(self.tier, n_pages, P, D) for _ in range(2)]
         garbage = rng.integers(0, 256, self.pools[0].arena.buf.size, dtype=np.uint8)
         for p in self.pools:
@@ -231,6 +231,44 @@ def test_append_sequences_parity(klib, seed):
         f = 0
         while f < P:
             n = 1 if rng.random() < 0.25 else int(rng.integers(1, P - f + 1))
+            pair.step(pid, f, K[f : f + n], V[f : f + n], klib)
+            f += n
+        diff += pair.key_diff
+        fields += pair.key_fields
+    assert diff <= MAX_DIFF_RATE * fields, (diff, fields)
+
+
+def polar_widths(rng, D, key_bits):
+    """(pair bits, angle bits) (D/2,) split unevenly, as allocate_polar_bits does: angle-only pairs, radius-only
+    pairs, 6-bit angle codes beside 0-bit radii."""
+    h2 = D // 2
+    bits = np.zeros(h2, np.int64)
+    for i in rng.integers(0, h2, 10 * key_bits):
+        if bits.sum() == key_bits:
+            break
+        bits[i] += bits[i] < 12
+    angle = np.array([rng.integers(max(0, b - 6), min(6, b) + 1) for b in bits])
+    return bits, angle
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_polar_widths_parity(klib, seed):
+    """Tiers with separate angle / radius widths (the sidecar's measured allocation): whole pages and appends."""
+    rng = np.random.default_rng(300 + seed)
+    diff = fields = 0
+    for it in range(24):
+        D = (64, 128)[it % 2]
+        bits, angle = polar_widths(rng, D, int(rng.choice([64, 128, 192, 256])))
+        assert bits.sum() % 8 == 0 and (split_bits(bits)[0] != angle).any()
+        P, vb, vg = int(rng.choice([16, 64])), int(rng.choice([2, 4])), 16
+        pair = Pair(rng, D, P, bits, vb, vg, angle=angle)
+        assert (pair.ab == angle).all() and (pair.rb == bits - angle).all()
+        pid = int(rng.integers(0, 3))
+        mode = KEY_MODES[it % len(KEY_MODES)]
+        K, V = make_keys(rng, P, D, mode), make_values(rng, P, D)
+        f = 0
+        while f < P:
+            n = P if it % 3 == 0 else int(rng.integers(1, P - f + 1))
             pair.step(pid, f, K[f : f + n], V[f : f + n], klib)
             f += n
         diff += pair.key_diff

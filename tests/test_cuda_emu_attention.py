@@ -22,7 +22,7 @@ from skvrt.calibrate import Calibration
 from skvrt.cuda import attention as cuda_attention
 from skvrt.cuda import emu
 from skvrt.kv import make_policy, slot_mass
-from skvrt.kv.ada import AdaTier, split_bits
+from skvrt.kv.ada import AdaTier
 from skvrt.kv.attention import softmax_attend
 from skvrt.kv.cache import PagedKVCache
 
@@ -90,7 +90,7 @@ def gpu_tiers(cache, layer, with_mass, seed=0):
     for i, pool in enumerate(cache.pools):
         mass = pool.mass if with_mass else None
         if isinstance(pool.tier, AdaTier):
-            ba, br = split_bits(pool.tier.pair_bits[layer])
+            ba, br = pool.tier.widths_at(layer)
             tiers.append(cuda_attention.ada_tier(np, pool.data, ba, br, pool.tier.v_bits, pool.tier.v_group, mass,
                                                  seed))
         else:
@@ -189,6 +189,17 @@ def test_ada_decode_matches_twin(module, record, H, G, D, P, T, key_bits, vb, vg
     check(module, record, cache, rng, G, pages_per_split=3)
 
 
+@pytest.mark.parametrize("key_bits", [64, 192])
+def test_ada_decode_polar_widths(module, record, key_bits):
+    """Angle and radius widths chosen separately (a sidecar with error tables): uneven splits, 0-bit angles."""
+    rng = np.random.default_rng(key_bits + 7)
+    cache = build_cache(rng, 1, 2, 64, 16, 140, key_bits, 4, "float16", window=16, polar=True)
+    ba, br = cache.pools[1].tier.widths_at()
+    assert ((ba == 0) & (br > 0)).any() and (ba + br).sum(-1).min() == key_bits
+    scramble(rng, cache)
+    check(module, record, cache, rng, 3, pages_per_split=3)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the twin decodes NaN-poisoned slots too
 def test_ada_decode_several_ada_tiers_and_slot_mass(module, record):
     """A spherical (RDR) cache: dense pages of 5 tokens and two ADA tiers of other key bits, value bits and
@@ -239,7 +250,7 @@ def test_launch_checks_reject_bad_inputs(module):
     with pytest.raises(ValueError, match="strides"):
         cuda_attention.dense_decode(module, np, q, pool.k[:, ::2], pool.v[:, ::2], pool.fill, ids, n, 1.0, out)
     ada = cache.pools[1]
-    ba, br = split_bits(ada.tier.pair_bits[0])
+    ba, br = ada.tier.widths_at(0)
     ba[0, 0] = 13
     with pytest.raises(ValueError, match="12 bits"):
         cuda_attention.ada_tier(np, ada.data, ba, br, 4, 32)

@@ -70,6 +70,14 @@ def test_ada_encode(module, H, D, P, key_bits, vb, vg, skew):
     assert stats["codes_same"] >= 0.97
 
 
+@pytest.mark.parametrize("key_bits", [64, 192])
+def test_ada_encode_polar_widths(module, key_bits):
+    """Angle and radius widths chosen separately (a sidecar's error tables): 0-bit angles beside 6-bit ones."""
+    stats, _ = checks.check_ada_encode(module, np, np.random.default_rng(key_bits), H=2, D=64, P=32,
+                                       key_bits=key_bits, vb=4, vg=32, polar=True)
+    assert stats["codes_same"] >= 0.97
+
+
 def test_ada_encode_pages_decode_through_the_ada_kernel(module):
     """Pages the encode kernel wrote, read by the ADA decode kernel, give the twin's attention (the two GPU
     halves of the ADA tier agree on the format)."""

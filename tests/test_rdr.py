@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from skvrt import ckernels
-from skvrt.calibrate import Calibration
+from skvrt.calibrate import DEFAULT_LADDER, Calibration
 from skvrt.errors import InputError
 from skvrt.kv import make_policy, rdr
 from skvrt.kv.attention import attend_dense
@@ -438,7 +438,7 @@ def test_default_ladder_keeps_old_tokens_dense_only_when_the_budget_has_room():
     def pools(budget, ladder=None):
         return [p.label for p in make("spherical", budget, n_ctx=1500, ladder=ladder).pools]
 
-    coded = ["dense-float32", "ada256-v4", "ada192-v2", "ada128-v2"]
+    coded = ["dense-float32", *(f"ada{kb}-v{vb}" for kb, vb in DEFAULT_LADDER)]
     assert pools(0.25) == pools(0.3) == coded
     assert pools(0.5) == pools(0.8) == [coded[0], "old-dense-float32", *coded[1:]]
     assert pools(0.25, "dense," + ",".join(x.split("ada")[1].replace("-v", ":") for x in coded[1:])) == pools(0.5)

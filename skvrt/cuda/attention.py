@@ -128,7 +128,7 @@ def dense_tier(xp, k, v, mass=None, mass_seed: int = 0) -> Tier:
 def ada_tier(xp, data: dict, angle_bits: np.ndarray, radius_bits: np.ndarray, v_bits: int, v_group: int,
              mass=None, mass_seed: int = 0) -> Tier:
     """data: an ADA pool's arrays by name (codes, frame, v_codes, v_min, v_scale) as xp arrays; angle_bits,
-    radius_bits: host (H, D/2) widths of one layer = ada.split_bits(tier.pair_bits[layer]); mass, mass_seed as
+    radius_bits: host (H, D/2) widths of one layer = ada.tier.widths_at(layer); mass, mass_seed as
     in dense_tier."""
     ab, rb = (np.ascontiguousarray(b, dtype=np.uint8) for b in (angle_bits, radius_bits))
     codes = data["codes"]

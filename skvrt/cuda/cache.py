@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ContextOverflowError, InputError
-from ..kv.ada import AdaTier, split_bits
+from ..kv.ada import AdaTier
 from ..kv.cache import DENSE, OLD, PagedKVCache
 from ..kv.tiers import DenseTier
 from . import attention as cuda_attention
@@ -81,7 +81,7 @@ class DeviceKVCache:
         self._bits = {}  # pool index -> per layer (angle bits, radius bits) (H, D/2) uint8 on the device
         for i, pool in enumerate(host.pools):
             if isinstance(pool.tier, AdaTier):
-                ba, br = split_bits(pool.tier.pair_bits)
+                ba, br = pool.tier.widths_at()
                 self._bits[i] = [(xp.asarray(np.ascontiguousarray(ba[layer], np.uint8)),
                                   xp.asarray(np.ascontiguousarray(br[layer], np.uint8))) for layer in range(L)]
         self._ktiers = [self._kernel_tiers(layer) for layer in range(L)]
@@ -124,7 +124,7 @@ class DeviceKVCache:
         xp, out = self.xp, []
         for i, (pool, f) in enumerate(zip(self.host.pools, self.fields)):
             if isinstance(pool.tier, AdaTier):
-                ba, br = split_bits(pool.tier.pair_bits[layer])
+                ba, br = pool.tier.widths_at(layer)
                 out.append(cuda_attention.ada_tier(xp, f, ba, br, pool.tier.v_bits, pool.tier.v_group))
             else:
                 out.append(cuda_attention.dense_tier(xp, f["k"], f["v"]))

@@ -128,13 +128,18 @@ def check_dense_append(module, xp, rng, H: int = 2, D: int = 64, P: int = 16, n_
 
 
 def check_ada_encode(module, xp, rng, H: int = 2, D: int = 64, P: int = 32, key_bits: int = 128, vb: int = 4,
-                     vg: int = 32, n_jobs: int = 6, skew: bool = False):
-    """Whole ADA pages: the kernel vs AdaTier.write_page (float64), pages of 1, P and odd token counts."""
-    from ..kv.ada import AdaTier, allocate_bits, split_bits
+                     vg: int = 32, n_jobs: int = 6, skew: bool = False, polar: bool = False):
+    """Whole ADA pages: the kernel vs AdaTier.write_page (float64), pages of 1, P and odd token counts. polar:
+    angle and radius widths chosen separately (allocate_polar_bits on random error tables, as a sidecar's)."""
+    from ..kv.ada import MAX_WIDTH, AdaTier, allocate_bits, allocate_polar_bits
     from ..kv.pool import TierPool
 
-    w = rng.lognormal(0, 2.5 if skew else 0.5, (1, H, D // 2))
-    tier = AdaTier(allocate_bits(w, key_bits), vb, vg)
+    if polar:
+        tables = [rng.lognormal(0, 2.5, (1, H, D // 2, 1)) * 4.0 ** -np.arange(MAX_WIDTH + 1) for _ in range(2)]
+        tier = AdaTier.polar(*allocate_polar_bits(*tables, key_bits), vb, vg)
+    else:
+        w = rng.lognormal(0, 2.5 if skew else 0.5, (1, H, D // 2))
+        tier = AdaTier(allocate_bits(w, key_bits), vb, vg)
     N = n_jobs + 3
     ref, gpu = (TierPool(tier, N, P, D) for _ in range(2))
     pids = rng.permutation(N)[:n_jobs].astype(np.int32)
@@ -146,7 +151,7 @@ def check_ada_encode(module, xp, rng, H: int = 2, D: int = 64, P: int = 32, key_
     v = rng.normal(0, 1, (n_jobs, P, D)).astype(np.float32)
     for j in range(n_jobs):
         tier.write_page(ref.data, int(pids[j]), k[j, : ns[j]], v[j, : ns[j]], (0, int(hs[j])))
-    ba, br = (np.ascontiguousarray(x[0], dtype=np.uint8) for x in split_bits(tier.pair_bits))
+    ba, br = (np.ascontiguousarray(x[0], dtype=np.uint8) for x in tier.widths_at())
     buf, _ = kv_write.device_arena(xp, gpu.arena)
     f = kv_write.pool_fields(xp, gpu, buf)
     kv_write.ada_encode_pages(module, xp, xp.asarray(k), xp.asarray(v), xp.asarray(jobs), xp.asarray(ba),
@@ -228,7 +233,7 @@ def check_decode(module, xp, rng, H: int = 2, G: int = 3, D: int = 64, P: int = 
                  key_bits: int | None = 128, vb: int = 4, vg: int = 32, pages_per_split: int = 2):
     """One decode step over a cache built the model's way (key_bits None: dense pages only, dense_decode;
     else ada_decode over dense + ADA pages), pages shuffled in each head's table; out and page mass."""
-    from ..kv.ada import AdaTier, split_bits
+    from ..kv.ada import AdaTier
     from ..kv.cache import PagedKVCache
 
     if key_bits is None:
@@ -258,7 +263,7 @@ def check_decode(module, xp, rng, H: int = 2, G: int = 3, D: int = 64, P: int = 
         for pool in cache.pools:
             f = kv_write.pool_fields(xp, pool, buf)
             if isinstance(pool.tier, AdaTier):
-                ba, br = split_bits(pool.tier.pair_bits[0])
+                ba, br = pool.tier.widths_at(0)
                 tiers.append(cuda_attention.ada_tier(xp, f, ba, br, pool.tier.v_bits, pool.tier.v_group))
             else:
                 tiers.append(cuda_attention.dense_tier(xp, f["k"], f["v"]))
@@ -288,13 +293,13 @@ def scramble_table(rng, cache) -> None:
 
 def device_tiers(xp, cache, buf, layer: int = 0) -> tuple[list, list]:
     """The kernels' view of a cache's pools over the arena bytes `buf`: (tiers, positions fields)."""
-    from ..kv.ada import AdaTier, split_bits
+    from ..kv.ada import AdaTier
 
     tiers, positions = [], []
     for pool in cache.pools:
         f = kv_write.pool_fields(xp, pool, buf)
         if isinstance(pool.tier, AdaTier):
-            ba, br = split_bits(pool.tier.pair_bits[layer])
+            ba, br = pool.tier.widths_at(layer)
             tiers.append(cuda_attention.ada_tier(xp, f, ba, br, pool.tier.v_bits, pool.tier.v_group))
         else:
             tiers.append(cuda_attention.dense_tier(xp, f["k"], f["v"]))
@@ -353,6 +358,7 @@ SUITE = [
                                                                           device_positions=True)),
     ("ada_encode D=64 128b v4", check_ada_encode, dict(H=2, D=64, P=32, key_bits=128, vb=4, vg=32)),
     ("ada_encode D=128 192b v2 skew", check_ada_encode, dict(H=2, D=128, P=16, key_bits=192, vb=2, vg=64, skew=True)),
+    ("ada_encode D=64 128b v2 polar widths", check_ada_encode, dict(H=2, D=64, P=32, key_bits=128, vb=2, vg=64, polar=True)),
     ("dense_decode G=3 D=64", check_decode, dict(H=2, G=3, D=64, P=16, T=75, key_bits=None)),
     ("ada_decode G=3 D=64 128b", check_decode, dict(H=2, G=3, D=64, P=16, T=117, key_bits=128, vb=4, vg=32)),
     ("ada_decode G=8 D=128 192b", check_decode, dict(H=1, G=8, D=128, P=16, T=99, key_bits=192, vb=2, vg=32)),

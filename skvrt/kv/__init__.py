@@ -9,7 +9,6 @@ import sys
 from ..errors import InputError
 import numpy as np
 
-from .ada import AdaTier, allocate_bits
 from .cache import PagedKVCache, Policy
 from .tiers import DenseTier, QuantTier
 
@@ -44,7 +43,7 @@ KV_POLICIES = {
     "h2o": "H2O-like eviction under --kv-budget: tokens kept at dense precision by accumulated attention "
            "(prefill observation window + every decode step), the rest dropped",
     "spherical": "Spherical KV (ADA + RDR) under --kv-budget: each token outside sinks + window stays dense, gets "
-                 "an ADA tier or is dropped (ladder=dense,256:4,192:2,128:2: key:value bits; by default dense only "
+                 "an ADA tier or is dropped (ladder=dense,256:4,192:2: key:value bits; by default dense only "
                  "when the budget holds every token at the richest ADA tier), by attention utility x calibrated "
                  "distortion, jointly over layers and heads; needs `skvrt calibrate`",
 }
@@ -153,8 +152,7 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
         max_bits = 12 * calibration.q_sq.shape[-1] // 2
         if any(kb > max_bits for kb, _ in ada_steps):
             raise InputError(f"ladder key bits must be <= {max_bits}")
-        ada_tiers = tuple(AdaTier(allocate_bits(calibration.pair_weight, kb), vb, LADDER_V_GROUP)
-                          for kb, vb in ada_steps)
+        ada_tiers = tuple(calibration.ada_tier(kb, vb, LADDER_V_GROUP) for kb, vb in ada_steps)
         if distortion not in ("measured", "proxy"):
             raise InputError(f"distortion must be measured (the sidecar's, when it has this ladder) or proxy")
         measured = (calibration.distortion(ada_steps, LADDER_V_GROUP) if distortion == "measured" and ada_steps
@@ -181,8 +179,8 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
             raise InputError(f"ada tier must be a multiple of 8 key bits per token per head, 8..., not {tier}")
         if v_bits not in (2, 4, 8):
             raise InputError(f"v_bits must be 2, 4 or 8, not {v_bits}")
-        bits = allocate_bits(calibration.pair_weight, int(tier))
-        return Policy(f"ada{tier}-v{v_bits}", old_tiers=(AdaTier(bits, int(v_bits), int(v_group)),), **common)
+        return Policy(f"ada{tier}-v{v_bits}", old_tiers=(calibration.ada_tier(int(tier), int(v_bits), int(v_group)),),
+                      **common)
     try:
         qt = QuantTier(int(k_bits), int(v_bits), int(v_group))
     except ValueError as e:

@@ -6,8 +6,11 @@ angle step gamma, first radius rho0, radius step drho (float16 each) -- and per 
 (ba bits) and a radius code r (br bits), so the pair decodes to
     (rho0 + r * drho) * (cos(theta0 + a * gamma), sin(theta0 + a * gamma)).
 The bits per pair differ per (layer, kv head): calibration measures how much each pair contributes to the
-logits (E[q_i^2] x the pair's page-local key range) and `allocate_bits` spreads the tier's bit budget by
-reverse water-filling; a pair's bits split as ba = ceil(b / 2), br = floor(b / 2).
+logits and how the tier's bit budget is spread over them: with the sidecar's measured error tables
+(`polar_error_tables`: the logit error of each pair's angle code alone and radius code alone at 0..MAX_WIDTH bits)
+`allocate_polar_bits` chooses every pair's angle and radius widths separately; without them, `allocate_bits`
+spreads bits by reverse water-filling on E[q_i^2] x the pair's page-local key range, and a pair's bits split as
+ba = ceil(b / 2), br = floor(b / 2).
 
 Logits never rebuild keys: per query head and page, LUT_i[a] = <q_i, (cos, sin)(theta0_i + a gamma_i)>,
 logit(t) = scale * sum_i rho_i(t) * LUT_i[a_i(t)]. Values use the QuantTier value codec (int-v groups).
@@ -26,6 +29,7 @@ import numpy as np
 from .tiers import QuantTier, _Tier, value_fields
 
 MAX_PAIR_BITS = 12
+MAX_WIDTH = 6  # most bits of one angle or radius code (LUTs of 2^6 entries: the C kernels' in-register lookups)
 
 
 def allocate_bits(weight: np.ndarray, total_bits: int, max_bits: int = MAX_PAIR_BITS) -> np.ndarray:
@@ -45,6 +49,77 @@ def allocate_bits(weight: np.ndarray, total_bits: int, max_bits: int = MAX_PAIR_
 
 def split_bits(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (b + 1) // 2, b // 2
+
+
+def allocate_polar_bits(angle_err: np.ndarray, radius_err: np.ndarray, total_bits: int,
+                        max_pair: int = MAX_PAIR_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """angle_err, radius_err (..., n_pairs, W + 1): logit error of a pair when only its angle (radius) is coded
+    with 0..W bits -> angle bits, radius bits (..., n_pairs) int, together summing to total_bits per row.
+
+    The error of a pair is modelled as angle_err[ba] + radius_err[br]. Greedy by error saved per bit; a move
+    adds 1, 2 or 3 bits to one code (a 1-bit angle code can be worse than none: its two levels sit on the arc's
+    ends). Ties go to the lower pair, the angle, the shorter move (deterministic)."""
+    ea = np.asarray(angle_err, np.float64)
+    er = np.asarray(radius_err, np.float64)
+    W = ea.shape[-1] - 1
+    n = ea.shape[-2]
+    if total_bits > n * min(max_pair, 2 * W):
+        raise ValueError(f"{total_bits} bits do not fit {n} pairs of at most {min(max_pair, 2 * W)} bits")
+    tables = (ea.reshape(-1, n, W + 1), er.reshape(-1, n, W + 1))  # (R, n, W + 1) each
+    R = len(tables[0])
+    bits = np.zeros((2, R, n), np.int64)  # angle, radius
+    left = np.full(R, total_bits)
+    rows, pairs = np.arange(R)[:, None], np.arange(n)[None, :]
+    while (left > 0).any():  # every row makes one move: the most error saved per bit
+        gains = []
+        for step in (1, 2, 3):
+            room = (bits.sum(0) + step <= max_pair) & (step <= left)[:, None]
+            for j in (0, 1):
+                b = bits[j]
+                saved = tables[j][rows, pairs, b] - tables[j][rows, pairs, np.minimum(b + step, W)]
+                gains.append(np.where(room & (b + step <= W), saved / step, -np.inf))
+        best = np.argmax(np.concatenate(gains, axis=1), axis=1)  # (R,) over (step, angle / radius, pair)
+        move, i = np.divmod(best, n)
+        step, j = move // 2 + 1, move % 2
+        go = left > 0
+        bits[j[go], np.nonzero(go)[0], i[go]] += step[go]
+        left -= np.where(go, step, 0)
+    ba_all, br_all = bits
+    return ba_all.reshape(ea.shape[:-1]), br_all.reshape(ea.shape[:-1])
+
+
+def polar_error_tables(k: np.ndarray, q_moments: np.ndarray, page_size: int = 64,
+                       max_width: int = MAX_WIDTH) -> tuple[np.ndarray, np.ndarray]:
+    """Measured cost of each pair's angle and radius code, for `allocate_polar_bits`.
+
+    k (T, D) post-RoPE keys of one (layer, kv head), coded in page-local frames of page_size consecutive tokens
+    (whole pages only); q_moments (D/2, 3) E[q_x^2], E[q_y^2], E[q_x q_y] of each pair over the head's queries,
+    or (T, D/2, 3) such moments per key (skvrt.calibrate.attention_moments: weighted by the attention each key
+    gets). -> angle_err, radius_err (D/2, max_width + 1): mean over keys of e_i' M_i e_i / D, the squared logit
+    error (scale 1/sqrt(D)) from pair i's error e_i when its angle (radius) alone is coded with b bits, the
+    other exact."""
+    T, D = k.shape
+    h2 = D // 2
+    n = T // page_size
+    if n == 0:
+        raise ValueError(f"{T} keys: not one page of {page_size}")
+    out = np.zeros((2, h2, max_width + 1))
+    m_all = np.asarray(q_moments, np.float64)
+    for p in range(n):
+        kp = k[p * page_size : (p + 1) * page_size].astype(np.float64)
+        m = m_all if m_all.ndim == 2 else m_all[p * page_size : (p + 1) * page_size]  # (D/2, 3) or (P, D/2, 3)
+        rho, phi = AdaTier._polar(kp)  # (P, D/2)
+        for b in range(max_width + 1):
+            levels = np.full(h2, 1 << b)
+            frame = AdaTier._fit(rho, phi, levels, levels)
+            a, r = AdaTier._encode(rho, phi, frame, levels, levels)
+            f = frame.astype(np.float64)
+            coded = (f[:, 0] + a * f[:, 1], f[:, 2] + r * f[:, 3])  # angle, radius as the codes decode
+            for j, (ang, rad) in enumerate(((coded[0], rho), (phi, coded[1]))):
+                ex, ey = rad * np.cos(ang) - rho * np.cos(phi), rad * np.sin(ang) - rho * np.sin(phi)
+                out[j, :, b] += np.sum(m[..., 0] * ex**2 + m[..., 1] * ey**2 + 2 * m[..., 2] * ex * ey, axis=0)
+    out /= n * page_size * D
+    return out[0], out[1]
 
 
 def pack_bits(fields: list[tuple[np.ndarray, int]], n_bytes: int) -> np.ndarray:
@@ -84,16 +159,39 @@ def unpack_bits(packed: np.ndarray, widths: list[int]) -> list[np.ndarray]:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AdaTier(_Tier):
-    """pair_bits (L, H, D/2): bits per pair for every (layer, kv head); each row sums to key_bits."""
+    """pair_bits (L, H, D/2): bits per pair for every (layer, kv head); each row sums to key_bits.
+    angle_bits (same shape) or None: how many of a pair's bits code its angle (the rest its radius); None splits
+    them as `split_bits` does."""
 
     pair_bits: np.ndarray
     v_bits: int = 4
     v_group: int = 32
+    angle_bits: np.ndarray | None = None
 
     def __post_init__(self):
         sums = self.pair_bits.sum(-1)
         if not (sums == sums.flat[0]).all() or sums.flat[0] % 8:
             raise ValueError("every (layer, head) must spend the same key bits, a multiple of 8")
+        ba, br = self.widths
+        if ba.shape != self.pair_bits.shape or (ba < 0).any() or (br < 0).any() or max(ba.max(), br.max()) > MAX_WIDTH:
+            raise ValueError(f"angle and radius codes take 0..{MAX_WIDTH} bits each")
+
+    @classmethod
+    def polar(cls, angle_bits: np.ndarray, radius_bits: np.ndarray, v_bits: int = 4, v_group: int = 32) -> "AdaTier":
+        """A tier from separate angle and radius widths (allocate_polar_bits)."""
+        return cls(np.asarray(angle_bits) + np.asarray(radius_bits), v_bits, v_group, np.asarray(angle_bits))
+
+    @functools.cached_property
+    def widths(self) -> tuple[np.ndarray, np.ndarray]:
+        """-> angle bits, radius bits (L, H, D/2) int64: the code field widths of every pair."""
+        if self.angle_bits is None:
+            return split_bits(self.pair_bits.astype(np.int64))
+        ba = self.angle_bits.astype(np.int64)
+        return ba, self.pair_bits.astype(np.int64) - ba
+
+    def widths_at(self, index=...) -> tuple[np.ndarray, np.ndarray]:
+        """-> (angle bits, radius bits) of widths[index], e.g. a layer's (H, D/2) or a (layer, head)'s (D/2,)."""
+        return self.widths[0][index], self.widths[1][index]
 
     @functools.cached_property
     def key_bits(self) -> int:
@@ -117,7 +215,7 @@ class AdaTier(_Tier):
     per_slot = ("codes", "v_codes", "v_min", "v_scale")
 
     def _widths(self, lh) -> list[int]:
-        ba, br = split_bits(self.pair_bits[lh])
+        ba, br = self.widths_at(lh)
         return [int(w) for pair in zip(ba, br) for w in pair]
 
     @staticmethod
@@ -154,7 +252,7 @@ class AdaTier(_Tier):
         return np.hypot(x, y), np.arctan2(y, x)
 
     def _store(self, data, pid: int, a, r, frame, lh) -> None:
-        ba, br = split_bits(self.pair_bits[lh])
+        ba, br = self.widths_at(lh)
         fields = [(c[:, i], int(w)) for i in range(len(ba)) for c, w in ((a, ba[i]), (r, br[i]))]
         data["codes"][pid, : len(a)] = pack_bits(fields, self.key_bits // 8)
         data["frame"][pid] = frame
@@ -162,7 +260,7 @@ class AdaTier(_Tier):
     def write_page(self, data, pid: int, k: np.ndarray, v: np.ndarray, lh=(0, 0)) -> None:
         """Encode n <= P tokens (k, v (n, D) float32) of (layer, head) = lh into an empty page."""
         rho, phi = self._polar(k)
-        ba, br = split_bits(self.pair_bits[lh])
+        ba, br = self.widths_at(lh)
         na, nr = 1 << ba, 1 << br
         frame = self._fit(rho, phi, na, nr)
         a, r = self._encode(rho, phi, frame, na, nr)  # codes from the stored (rounded) frame
@@ -179,7 +277,7 @@ class AdaTier(_Tier):
             self.write_page(data, pid, k, v, lh)
             return
         rho_n, phi_n = self._polar(k)
-        ba, br = split_bits(self.pair_bits[lh])
+        ba, br = self.widths_at(lh)
         na, nr = 1 << ba, 1 << br
         frame = data["frame"][pid].copy()  # (D/2, 4)
         f32 = frame.astype(np.float64)
@@ -218,7 +316,7 @@ class AdaTier(_Tier):
         h2 = D // 2
         a, r = self.codes(data, pids, lh)  # (n, P, h2)
         fr = data["frame"][pids].astype(np.float32)  # (n, h2, 4)
-        na = int((1 << split_bits(self.pair_bits[lh])[0]).max())
+        na = int((1 << self.widths_at(lh)[0]).max())
         ang = fr[:, :, 0, None] + np.arange(na, dtype=np.float32) * fr[:, :, 1, None]  # (n, h2, na)
         # LUT (G, T, n, h2, na): <q_i, (cos, sin)(angle)>
         cos, sin = np.cos(ang), np.sin(ang)

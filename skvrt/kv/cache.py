@@ -30,7 +30,7 @@ from .. import ckernels
 from ..errors import ContextOverflowError, InputError
 from ..ops import logsumexp
 from . import layout, rdr, slot_mass
-from .ada import AdaTier, split_bits
+from .ada import AdaTier
 from .attention import softmax_attend
 from .pages import PAGE_SIZE, PageTable
 from .pool import FrameArena, TierPool
@@ -196,7 +196,7 @@ class PagedKVCache:
         self._ada_bits = {}  # pool index -> (angle bits, radius bits) (L, H, D/2) uint8 for the C kernels
         for i, t in enumerate(tiers):
             if isinstance(t, AdaTier):
-                ba, br = split_bits(t.pair_bits)
+                ba, br = t.widths_at()
                 self._ada_bits[i] = (np.ascontiguousarray(ba, np.uint8), np.ascontiguousarray(br, np.uint8))
         self._c_decode = all(isinstance(t, (DenseTier, AdaTier)) for t in tiers)
         self._descs = {}  # (layer, with mass) -> ctypes TierDesc array for the C decode kernel
