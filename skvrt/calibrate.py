@@ -261,7 +261,7 @@ def attention_moments(q: np.ndarray, k: np.ndarray, block: int = 128) -> np.ndar
 
 
 def ladder_tiers(cal: Calibration, ladder=DEFAULT_LADDER, v_group: int = LADDER_V_GROUP) -> list:
-    """The ladder's ADA tiers, key bits allocated from the calibration's pair weights."""
+    """The ladder's ADA tiers, key widths from the calibration (`Calibration.ada_tier`)."""
     return [cal.ada_tier(key_bits, v_bits, v_group) for key_bits, v_bits in ladder]
 
 
