@@ -153,6 +153,9 @@ def load_calibration(folder: str | Path) -> Calibration | None:
             raise ModelLoadError(f"{path}: ladder_distortion {d.shape} does not match the ladder in its metadata; "
                                  "run `skvrt calibrate`")
         cal.ladder_distortion = d
+    if "angle_err" not in t and "radius_err" not in t:
+        print(f"skvrt: {path} predates measured key widths (no angle_err / radius_err): ADA tiers split each pair's "
+              "bits evenly; run `skvrt calibrate` to measure them", file=sys.stderr)
     if ("angle_err" in t) != ("radius_err" in t):
         raise ModelLoadError(f"{path} has one of angle_err / radius_err without the other; run `skvrt calibrate`")
     if "angle_err" in t:

@@ -82,7 +82,7 @@ def test_error_tables_from_the_model_queries_and_keys(tiny):
             np.testing.assert_allclose(er[layer, h], want[1], rtol=1e-3, atol=1e-9)
 
 
-def test_tables_choose_the_tiers_widths_and_roundtrip(tmp_path):
+def test_tables_choose_the_tiers_widths_and_roundtrip(tmp_path, capsys):
     """A sidecar with error tables: tiers take allocate_polar_bits' widths; saved and loaded unchanged; tables
     of the wrong shape or with one half missing are refused; without tables the pair-weight split remains."""
     from skvrt.kv.ada import MAX_WIDTH, allocate_bits, allocate_polar_bits, split_bits
@@ -102,6 +102,9 @@ def test_tables_choose_the_tiers_widths_and_roundtrip(tmp_path):
     np.testing.assert_array_equal(back.ada_tier(32, 2, 8).widths_at(), (ba, br))
     plain = Calibration(q, k, {"format": 1})
     np.testing.assert_array_equal(plain.ada_tier(32, 4, 8).pair_bits, allocate_bits(plain.pair_weight, 32))
+    plain.save(tmp_path)  # a sidecar from before the tables: loads, and says how to get them
+    assert load_calibration(tmp_path).angle_err is None
+    assert "run `skvrt calibrate`" in capsys.readouterr().err
     Calibration(q, k, {"format": 1}, angle_err=ea[..., :3], radius_err=er[..., :3]).save(tmp_path)
     with pytest.raises(ModelLoadError, match="angle_err"):
         load_calibration(tmp_path)
