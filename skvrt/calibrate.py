@@ -91,19 +91,18 @@ class Calibration:
         """The ADA tier of key_bits per token per head: widths from the error tables, else from pair_weight."""
         from .kv.ada import AdaTier, allocate_bits, allocate_polar_bits
 
-        key = (int(key_bits),)
-        if key not in self._widths:
+        key_bits = int(key_bits)
+        if key_bits not in self._widths:
             if self.angle_err is not None:
-                self._widths[key] = allocate_polar_bits(self.angle_err, self.radius_err, int(key_bits))
+                angle, radius = allocate_polar_bits(self.angle_err, self.radius_err, key_bits)
+                self._widths[key_bits] = (angle + radius, angle)
             else:
-                self._widths[key] = (allocate_bits(self.pair_weight, int(key_bits)), None)
-        bits, radius = self._widths[key]
-        if radius is None:
-            return AdaTier(bits, v_bits, v_group)
-        return AdaTier.polar(bits, radius, v_bits, v_group)
+                self._widths[key_bits] = (allocate_bits(self.pair_weight, key_bits), None)
+        pair_bits, angle_bits = self._widths[key_bits]
+        return AdaTier(pair_bits, v_bits, v_group, angle_bits)
 
     @functools.cached_property
-    def _widths(self) -> dict:  # key bits -> (angle bits, radius bits) or (pair bits, None)
+    def _widths(self) -> dict:  # key bits -> (pair bits, angle bits or None: the even split), (L, H, D/2) each
         return {}
 
     @property
