@@ -36,14 +36,9 @@ from skvrt.evaluate import tokenize_text  # noqa: E402
 from skvrt.kv import make_cache  # noqa: E402
 from skvrt.kv.ada import polar_error_tables  # noqa: E402
 from skvrt.kv.attention import gather_dense  # noqa: E402
+from skvrt.ops import log_softmax  # noqa: E402
 
 N, E, OBS, WINDOW, SINKS, P = 2048, 256, 32, 32, 4, 64
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 def hooked_cache(model, n_ctx: int):

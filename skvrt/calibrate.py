@@ -252,9 +252,7 @@ def attention_moments(q: np.ndarray, k: np.ndarray, block: int = 128) -> np.ndar
         qb = q[:, t0 : t0 + block].astype(np.float64)  # (G, b, D)
         s = np.einsum("gbd,jd->gbj", qb, kk) / np.sqrt(D)
         causal = np.arange(T)[None, None, :] <= np.arange(t0, t0 + qb.shape[1])[None, :, None]
-        s = np.where(causal, s, -np.inf)
-        p = np.exp(s - s.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
+        p = _softmax(np.where(causal, s, -np.inf))  # (G, b, T)
         x, y = qb[..., :h2], qb[..., h2:]
         out[..., 0] += np.einsum("gbj,gbi->ji", p, x * x)
         out[..., 1] += np.einsum("gbj,gbi->ji", p, y * y)
