@@ -1,6 +1,7 @@
 """Lookahead prefill (Policy.lookahead): generate.prefill runs the prompt twice; the first pass records the
 prompt's last `obs` queries per layer, the second adds to each token's RDR utility the attention those
-queries give it (`PagedKVCache._prior`), computed as the token leaves the recent window.
+queries give it (`PagedKVCache._prior`), computed as the token leaves the recent window; the second pass's own
+queries are not observers (the prior stands for them).
 
 Oracles: a full float32 cache (the model's own logits, and the last queries' softmax over every key computed
 here in float64 from the full cache's keys)."""
@@ -162,6 +163,47 @@ def test_the_token_the_prompt_ends_asking_for_is_kept(lookahead):
         assert all(needle in k for k in kept)
     else:  # nothing told it apart from its neighbours when it left the window: dropped in some heads
         assert not all(needle in k for k in kept)
+
+
+def slot_masses(cache):
+    """Attention mass of every token every (layer, head) holds, in the slots of its pages."""
+    out = []
+    for layer in range(L):
+        for h in range(H):
+            for pid, t in zip(*cache.table.pages(layer, h)):
+                out.append(cache.pools[t].mass[pid, : int(cache.arena.fill[pid])].astype(np.float64))
+    return np.concatenate(out)
+
+
+def test_second_pass_queries_are_not_observers():
+    """The prompt's last queries (`_prior`) stand for the prompt's queries: the second pass adds no attention mass
+    and records no observer, so a prompt token's utility is its prior + the floor, not also the mean over every
+    later prompt query. Queries after the prompt (decode steps) observe as usual."""
+    cache = make("snapkv", 0.45, n_ctx=400, lookahead=True, obs=8)
+    plain = make("snapkv", 0.45, n_ctx=400, lookahead=False, obs=8)
+    n = 352
+    cache.begin_lookahead(n)
+    feed(cache, 1, n)
+    cache.end_lookahead(0)
+    feed(cache, 1, n)
+    feed(plain, 1, n)
+    assert cache.offset == n and cache._obs == [] and not slot_masses(cache).any()
+    assert len(plain._obs) == n // 16 * 8 and slot_masses(plain).any()  # without lookahead every chunk observes
+    for layer, h in ((0, 0), (L - 1, H - 1)):
+        pos, _ = held(cache, layer, h)
+        old = pos[(pos >= cache.policy.sinks) & (pos < cache.policy.sinks + cache.n_old)]
+        lh = np.full(len(old), layer * H + h)
+        want = cache._floor() * cache.floor_weights(old) + cache._prior[lh, old]
+        np.testing.assert_allclose(cache.utilities(old, np.zeros(len(old)), lh), want)
+        assert cache._prior[lh, old].any()
+    rng = np.random.default_rng(2)
+    for step in range(3):  # decode steps after the prompt
+        for layer in range(L):
+            cache.append(layer, np.stack([random_keys(rng, 1) for _ in range(H)]),
+                         rng.normal(size=(H, 1, D)).astype(np.float32))
+            cache.attend(layer, rng.normal(0, 0.3, (H * 3, 1, D)).astype(np.float32), np.array([n + step]))
+        cache.advance(1)
+    assert cache._obs == [n, n + 1, n + 2] and slot_masses(cache).any()
 
 
 def test_spherical_looks_ahead_by_default_only_when_tokens_will_be_dropped():

@@ -78,9 +78,10 @@ class Policy:
     # surprisal * min(s / mean s, SURPRISAL_CAP) uniform shares (`PagedKVCache.floor_weights`)
     lookahead: bool | None = False  # rdr: prefill a prompt twice (generate.prefill): the first pass records the
     # prompt's last `obs` queries per layer, the second adds to each token's utility the attention those queries
-    # give it, computed as it leaves the window (`PagedKVCache.begin_lookahead`): tiers are chosen knowing what the
-    # prompt ends with. None = auto: only when the budget cannot hold the whole context (n_ctx) at the cheapest old
-    # tier, i.e. when tokens will be dropped (PagedKVCache.holds_all)
+    # give it, computed as it leaves the window (`PagedKVCache.begin_lookahead`), and its own queries observe
+    # nothing (the last queries stand for them): tiers are chosen knowing what the prompt ends with. None = auto:
+    # only when the budget cannot hold the whole context (n_ctx) at the cheapest old tier, i.e. when tokens will be
+    # dropped (PagedKVCache.holds_all)
     dense_when_room: bool = False  # rdr: a leading dense old tier is kept only when the budget holds the whole
     # context (n_ctx) at the richest coded tier; below that it would only hold tokens while the budget is loose
     # early on, then be demoted from (dev: KL level, allocator work doubled) -- the cache leaves it out
@@ -227,6 +228,10 @@ class PagedKVCache:
         # entry per chunk, recorded in the first pass
         self._look_q = None  # second pass: layer -> (q (nq, n, D), lse (nq, n), positions (n,)): the prompt's last
         # queries
+        self._look_until = None  # second pass: the prompt's end; its queries are not observers (their attention
+        # would be the mean over every later prompt query, which predicts what follows the prompt worse than the
+        # prompt's last queries alone: bench/utility_predictors.py), so a prompt token's utility is `_prior` plus
+        # the mean over the queries after the prompt (decode steps)
         self._prior = np.zeros((heads, n_ctx), np.float32) if self.wants_lookahead else None  # (L H, n_ctx) the
         # attention each token gets from those queries (summed over the query group, mean over the queries)
         self.allocator_seconds = 0.0  # time spent in rdr.assign + applying its plans (reported by bench)
@@ -561,7 +566,8 @@ class PagedKVCache:
     def utilities(self, pos: np.ndarray, mass: np.ndarray, lh: np.ndarray | None = None) -> np.ndarray:
         """Utility of tokens at positions pos (n,) of (layer * H + head) `lh` (n,) with accumulated attention mass
         (n,). The forward in progress has observed the layers up to the last that attended, not the others. With
-        lookahead, plus the attention the prompt's last queries give each token (`_prior`)."""
+        lookahead, plus the attention the prompt's last queries give each token (`_prior`); the mass then counts
+        only the queries after the prompt (a second pass observes nothing)."""
         layer = None if lh is None else lh // self.n_kv_heads
         prior = 0.0 if self._prior is None or lh is None else self._prior[lh, pos]
         if self.policy.utility == "mean":
@@ -793,6 +799,8 @@ class PagedKVCache:
         nq, T, D = q.shape
         G = nq // self.n_kv_heads
         observe = self.track_mass and (T > 1 or self.policy.utility != "prefill")
+        if self._look_until is not None and q_positions[0] < self._look_until:
+            observe = False  # a lookahead's second pass: the prompt's last queries (`_prior`) stand for its queries
         n_obs = min(T, self.policy.obs) if observe else 0
         if layer == 0 and n_obs:
             self._pending_obs.extend(int(x) for x in q_positions[T - n_obs :])
@@ -842,10 +850,11 @@ class PagedKVCache:
         """After the first pass: forget its tokens (truncate to `start`, where the prompt began) and keep the
         recorded queries for the second pass (unless not `keep`: an interrupted first pass), whose tokens take
         `_prior` utility as they leave the window."""
-        rec = self._look_rec
+        rec, end = self._look_rec, self._look_end
         self._look_end, self._look_rec = None, {}
         self.truncate(start)
         if keep:  # per layer: (q (nq, n, D), lse (nq, n), positions (n,)), query heads in order
+            self._look_until = end
             self._look_q = {layer: (np.concatenate([np.concatenate(c, axis=1) for c in r["q"]]),
                                     np.concatenate([np.concatenate(c, axis=1) for c in r["lse"]]),
                                     np.concatenate(r["pos"]))
@@ -961,6 +970,7 @@ class PagedKVCache:
         if self._surprisal is not None:
             self._surprisal[n_tokens:] = np.nan
         self._look_q = None  # the recorded queries belong to the prompt just prefilled
+        self._look_until = None
         if self._prior is not None:
             self._prior[:, n_tokens:] = 0
 

@@ -1,0 +1,100 @@
+"""How much of a budgeted policy's KL is its utility estimate: run bench/rdr_dev.py with each token's utility
+replaced by the attention the scored queries will really give it (an oracle, not a policy).
+
+    OPENBLAS_NUM_THREADS=1 python bench/rdr_oracle_utility.py --text /usr/share/common-licenses/GPL-3 \
+        --windows 2 --policy "spherical:budget=0.10"            # same arguments as bench/rdr_dev.py
+
+Per window, a dense float32 pass over the window's first N tokens records every layer's queries at the scored
+positions N-E .. N-1 and every key; the oracle utility of (layer, kv head, token) is the attention those queries
+give the token, summed over the query group, averaged over the queries -- the scale of the measured utility
+(`PagedKVCache.utilities`), which the oracle replaces (ORACLE=only, default), replaces for the prompt's tokens only
+(ORACLE=prompt) or adds to (ORACLE=add). The
+policy then runs as usual (teacher-forced decode of the E scored tokens). Lookahead is off: the oracle knows more.
+"""
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+from skvrt import evaluate  # noqa: E402
+from skvrt.kv import make_cache  # noqa: E402
+from skvrt.ops import log_softmax  # noqa: E402
+
+MODE = os.environ.get("ORACLE", "only")
+_current = {}  # the window being evaluated: model, tokens, N, E
+_priors = {}  # window bytes -> (L * H, N) oracle utility
+
+
+def oracle_prior(model, wt: np.ndarray, N: int, E: int) -> np.ndarray:
+    """(L * H, N) attention of the queries at N-E .. N-1 to every token, summed over each query group, mean over
+    the queries (dense float32 cache, one pass)."""
+    key = wt[:N].tobytes()
+    if key in _priors:
+        return _priors[key]
+    args = model.args
+    cache = make_cache(args, n_ctx=N, kv_policy="full", kv_dtype="float32")
+    qs, ks = {}, {}
+    attend, append = cache.attend, cache.append
+
+    def rec_attend(layer, q, qpos):  # q (nq, T, D)
+        sel = qpos >= N - E
+        if sel.any():
+            qs.setdefault(layer, []).append(q[:, sel].astype(np.float64))
+        return attend(layer, q, qpos)
+
+    def rec_append(layer, k, v):  # k (H, T, D)
+        ks.setdefault(layer, []).append(k.astype(np.float64))
+        return append(layer, k, v)
+
+    cache.attend, cache.append = rec_attend, rec_append
+    for s in range(0, N, 512):
+        model.forward(wt[s : min(s + 512, N)], cache)
+    L, H = args.num_hidden_layers, args.num_key_value_heads
+    out = np.zeros((L * H, N))
+    causal = np.arange(N)[None, :] > np.arange(N - E, N)[:, None]  # (E, N) key after query
+    for layer in range(L):
+        q, k = np.concatenate(qs[layer], axis=1), np.concatenate(ks[layer], axis=1)  # (nq, E, D), (H, N, D)
+        G = q.shape[0] // H
+        for h in range(H):
+            s = np.einsum("gtd,nd->gtn", q[h * G : (h + 1) * G], k[h]) * args.head_dim ** -0.5
+            p = np.exp(log_softmax(np.where(causal, -np.inf, s)))
+            out[layer * H + h] = p.mean(axis=1).sum(axis=0)
+    _priors[key] = out
+    return out
+
+
+def main() -> None:
+    run_window = evaluate.KLEvaluator.run_window
+
+    def oracle_run_window(self, i, kv_policy="full", kv_dtype="float16", **opts):
+        _current.update(model=self.model, wt=np.asarray(self.windows[i]), N=self.window, E=self.eval_tokens)
+        return run_window(self, i, kv_policy, kv_dtype, **opts)
+
+    def oracle_make_cache(args, n_ctx=None, kv_policy="full", kv_dtype="float16", **opts):
+        cache = make_cache(args, n_ctx=n_ctx, kv_policy=kv_policy, kv_dtype=kv_dtype, lookahead=0, **opts)
+        prior = oracle_prior(_current["model"], _current["wt"], _current["N"], _current["E"])
+        if MODE == "only":
+            cache.utilities = lambda pos, mass, lh=None: prior[lh, pos]
+        elif MODE == "prompt":  # the oracle for the prompt's tokens, the measured utility for the scored ones
+            measured = cache.utilities
+            prompt = _current["N"] - _current["E"]
+            cache.utilities = lambda pos, mass, lh=None: np.where(pos < prompt, prior[lh, pos], measured(pos, mass, lh))
+        else:
+            measured = cache.utilities
+            cache.utilities = lambda pos, mass, lh=None: measured(pos, mass, lh) + prior[lh, pos]
+        return cache
+
+    evaluate.KLEvaluator.run_window = oracle_run_window
+    evaluate.make_cache = oracle_make_cache
+    sys.argv = ["rdr_dev.py", *sys.argv[1:]]
+    runpy.run_path(str(Path(__file__).with_name("rdr_dev.py")), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
