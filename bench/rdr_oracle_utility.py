@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from skvrt import evaluate  # noqa: E402
 from skvrt.kv import make_cache  # noqa: E402
 from skvrt.ops import log_softmax  # noqa: E402
+from utility_predictors import record  # noqa: E402  (bench/, this script's folder)
 
 MODE = os.environ.get("ORACLE", "only")
 _current = {}  # the window being evaluated: model, tokens, N, E
@@ -33,36 +34,20 @@ _priors = {}  # window bytes -> (L * H, N) oracle utility
 
 def oracle_prior(model, wt: np.ndarray, N: int, E: int) -> np.ndarray:
     """(L * H, N) attention of the queries at N-E .. N-1 to every token, summed over each query group, mean over
-    the queries (dense float32 cache, one pass)."""
+    the queries (dense float32 cache, one pass: bench/utility_predictors.record)."""
     key = wt[:N].tobytes()
     if key in _priors:
         return _priors[key]
     args = model.args
-    cache = make_cache(args, n_ctx=N, kv_policy="full", kv_dtype="float32")
-    qs, ks = {}, {}
-    attend, append = cache.attend, cache.append
-
-    def rec_attend(layer, q, qpos):  # q (nq, T, D)
-        sel = qpos >= N - E
-        if sel.any():
-            qs.setdefault(layer, []).append(q[:, sel].astype(np.float64))
-        return attend(layer, q, qpos)
-
-    def rec_append(layer, k, v):  # k (H, T, D)
-        ks.setdefault(layer, []).append(k.astype(np.float64))
-        return append(layer, k, v)
-
-    cache.attend, cache.append = rec_attend, rec_append
-    for s in range(0, N, 512):
-        model.forward(wt[s : min(s + 512, N)], cache)
+    qs, ks = record(model, wt[:N])
     L, H = args.num_hidden_layers, args.num_key_value_heads
     out = np.zeros((L * H, N))
     causal = np.arange(N)[None, :] > np.arange(N - E, N)[:, None]  # (E, N) key after query
     for layer in range(L):
-        q, k = np.concatenate(qs[layer], axis=1), np.concatenate(ks[layer], axis=1)  # (nq, E, D), (H, N, D)
+        q, k = qs[layer][:, N - E :], ks[layer]  # (nq, E, D), (H, N, D)
         G = q.shape[0] // H
         for h in range(H):
-            s = np.einsum("gtd,nd->gtn", q[h * G : (h + 1) * G], k[h]) * args.head_dim ** -0.5
+            s = (q[h * G : (h + 1) * G] @ k[h].T) * args.head_dim ** -0.5  # (G, E, N)
             p = np.exp(log_softmax(np.where(causal, -np.inf, s)))
             out[layer * H + h] = p.mean(axis=1).sum(axis=0)
     _priors[key] = out

@@ -36,8 +36,16 @@ def record(model, tokens: np.ndarray) -> tuple[dict, dict]:
     cache = make_cache(model.args, n_ctx=N, kv_policy="full", kv_dtype="float32")
     qs, ks = {}, {}
     attend, append = cache.attend, cache.append
-    cache.attend = lambda layer, q, qpos: (qs.setdefault(layer, []).append(q.astype(np.float64)), attend(layer, q, qpos))[1]
-    cache.append = lambda layer, k, v: (ks.setdefault(layer, []).append(k.astype(np.float64)), append(layer, k, v))[1]
+
+    def recording_attend(layer, q, qpos):  # q (nq, T, D)
+        qs.setdefault(layer, []).append(q.astype(np.float64))
+        return attend(layer, q, qpos)
+
+    def recording_append(layer, k, v):  # k (H, T, D)
+        ks.setdefault(layer, []).append(k.astype(np.float64))
+        return append(layer, k, v)
+
+    cache.attend, cache.append = recording_attend, recording_append
     for s in range(0, N, 512):
         model.forward(tokens[s : s + 512], cache)
     return ({l: np.concatenate(x, axis=1) for l, x in qs.items()}, {l: np.concatenate(x, axis=1) for l, x in ks.items()})
