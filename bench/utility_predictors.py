@@ -51,7 +51,7 @@ def record(model, tokens: np.ndarray) -> tuple[dict, dict]:
     return ({l: np.concatenate(x, axis=1) for l, x in qs.items()}, {l: np.concatenate(x, axis=1) for l, x in ks.items()})
 
 
-def predictors(q: np.ndarray, k: np.ndarray, G: int, prompt: int, lasts) -> dict:
+def predictors(q: np.ndarray, k: np.ndarray, prompt: int, lasts) -> dict:
     """q (G, N, D), k (N, D) of one (layer, kv head) -> {name: (prompt,) utility of the prompt's tokens}."""
     N, D = k.shape
     s = (q @ k.T) * D ** -0.5  # (G, N, N)
@@ -96,7 +96,7 @@ def main() -> None:
             qs, ks = record(llm.model, np.asarray(wt[: a.window]))
             for layer in range(L):
                 for h in range(H):
-                    pr = predictors(qs[layer][h * G : (h + 1) * G], ks[layer][h], G, prompt, lasts)
+                    pr = predictors(qs[layer][h * G : (h + 1) * G], ks[layer][h], prompt, lasts)
                     sel = slice(a.sinks, prompt - a.recent)  # the tokens the allocator chooses among
                     pos = np.arange(prompt)[sel]
                     lh = np.zeros(len(pos), np.int64)
