@@ -62,7 +62,7 @@ def main() -> None:
         return run_window(self, i, kv_policy, kv_dtype, **opts)
 
     def oracle_make_cache(args, n_ctx=None, kv_policy="full", kv_dtype="float16", **opts):
-        cache = make_cache(args, n_ctx=n_ctx, kv_policy=kv_policy, kv_dtype=kv_dtype, lookahead=0, **opts)
+        cache = make_cache(args, n_ctx=n_ctx, kv_policy=kv_policy, kv_dtype=kv_dtype, **{**opts, "lookahead": 0})
         prior = oracle_prior(_current["model"], _current["wt"], _current["N"], _current["E"])
         if MODE == "only":
             cache.utilities = lambda pos, mass, lh=None: prior[lh, pos]
