@@ -432,21 +432,25 @@ def test_ladder_with_a_dense_old_tier():
             make("spherical", 0.25, ladder=bad)
 
 
-def test_default_ladder_keeps_old_tokens_dense_only_when_the_budget_has_room():
-    """The default ladder's dense step is left out unless the budget holds the whole context at the richest coded
-    tier (below that it only holds tokens while the budget is loose); an explicit `dense` is always kept."""
+def test_default_ladder_takes_the_steps_the_budget_calls_for():
+    """The default ladder (dense + the coded steps): when the budget holds the whole context at the richest coded
+    tier, dense and that tier only (the cheaper steps would only pay for dense old tokens); below that, the coded
+    steps (a dense step would only hold tokens while the budget is loose). An explicit ladder is kept whole."""
     def pools(budget, ladder=None):
         return [p.label for p in make("spherical", budget, n_ctx=1500, ladder=ladder).pools]
 
     coded = ["dense-float32", *(f"ada{kb}-v{vb}" for kb, vb in DEFAULT_LADDER)]
+    assert len(coded) > 2  # a cheaper step to leave out
     assert pools(0.25) == pools(0.3) == coded
-    assert pools(0.5) == pools(0.8) == [coded[0], "old-dense-float32", *coded[1:]]
-    assert pools(0.25, "dense," + ",".join(x.split("ada")[1].replace("-v", ":") for x in coded[1:])) == pools(0.5)
-    rich = make("spherical", 0.5, n_ctx=1500, ladder=None)
-    assert rich.policy.distortion.shape[-1] == len(rich.pools) - 1
-    lean = make("spherical", 0.25, n_ctx=1500, ladder=None)
-    assert lean.policy.distortion.shape[-1] == len(lean.pools) - 1 and lean.policy.old_tiers[0].key_bits == 256
-    run_ops(lean, [64] * 6, np.random.default_rng(4))
+    assert pools(0.5) == pools(0.8) == [coded[0], "old-dense-float32", coded[1]]
+    explicit = "dense," + ",".join(x.split("ada")[1].replace("-v", ":") for x in coded[1:])
+    assert pools(0.25, explicit) == pools(0.5, explicit) == [coded[0], "old-dense-float32", *coded[1:]]
+    full = make("spherical", 0.5, n_ctx=1500, ladder=explicit).policy.distortion
+    for budget, old in ((0.5, [0, 1]), (0.25, list(range(1, len(coded))))):
+        cache = make("spherical", budget, n_ctx=1500, ladder=None)
+        np.testing.assert_array_equal(cache.policy.distortion, full[..., old])  # each tier keeps its distortion
+        assert len(cache.policy.old_tiers) == len(cache.pools) - 1 == len(old)
+        run_ops(cache, [64] * 6, np.random.default_rng(4))
 
 
 def test_budgeted_pages_keep_short_positions_only_while_the_context_fits_them():

@@ -43,9 +43,9 @@ KV_POLICIES = {
     "h2o": "H2O-like eviction under --kv-budget: tokens kept at dense precision by accumulated attention "
            "(prefill observation window + every decode step), the rest dropped",
     "spherical": "Spherical KV (ADA + RDR) under --kv-budget: each token outside sinks + window stays dense, gets "
-                 "an ADA tier or is dropped (ladder=dense,256:4,192:2: key:value bits; by default dense only "
-                 "when the budget holds every token at the richest ADA tier), by attention utility x calibrated "
-                 "distortion, jointly over layers and heads; needs `skvrt calibrate`",
+                 "an ADA tier or is dropped (ladder=dense,256:4,192:2: key:value bits; by default dense and 256:4 "
+                 "when the budget holds every token at 256:4, else 256:4 and 192:2), by attention utility x "
+                 "calibrated distortion, jointly over layers and heads; needs `skvrt calibrate`",
 }
 BUDGETED = ("snapkv", "h2o", "spherical")
 
@@ -173,7 +173,7 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
                       util_floor=float(util_floor if util_floor is not None else SPHERICAL_UTIL_FLOOR),
                       keep_if_fits=_flag("keep_if_fits", keep_if_fits, SPHERICAL_KEEP_IF_FITS),
                       surprisal=float(surprisal if surprisal is not None else SPHERICAL_SURPRISAL),
-                      dense_when_room=ladder is None, **budgeted, **common)
+                      ladder_by_room=ladder is None, **budgeted, **common)
     if kv_policy == "ada":
         if tier % 8 or not 8 <= tier <= 12 * calibration.q_sq.shape[-1] // 2:
             raise InputError(f"ada tier must be a multiple of 8 key bits per token per head, 8..., not {tier}")
