@@ -436,8 +436,8 @@ def test_default_ladder_takes_the_steps_the_budget_calls_for():
     """The default ladder (dense + the coded steps): when the budget holds the whole context at the richest coded
     tier, dense and that tier only (the cheaper steps would only pay for dense old tokens); below that, the coded
     steps (a dense step would only hold tokens while the budget is loose). An explicit ladder is kept whole."""
-    def pools(budget, ladder=None):
-        return [p.label for p in make("spherical", budget, n_ctx=1500, ladder=ladder).pools]
+    def pools(budget, ladder=None, n_ctx=1500):
+        return [p.label for p in make("spherical", budget, n_ctx=n_ctx, ladder=ladder).pools]
 
     coded = ["dense-float32", *(f"ada{kb}-v{vb}" for kb, vb in DEFAULT_LADDER)]
     assert len(coded) > 2  # a cheaper step to leave out
@@ -451,6 +451,17 @@ def test_default_ladder_takes_the_steps_the_budget_calls_for():
         np.testing.assert_array_equal(cache.policy.distortion, full[..., old])  # each tier keeps its distortion
         assert len(cache.policy.old_tiers) == len(cache.pools) - 1 == len(old)
         run_ops(cache, [64] * 6, np.random.default_rng(4))
+    # at the smallest budget that takes dense + the richest coded tier, a whole context fits: nothing is dropped
+    def rich(budget):
+        return pools(budget, n_ctx=700)[1] == "old-dense-float32"
+
+    lo, hi = 0.25, 0.5
+    assert not rich(lo) and rich(hi)
+    while hi - lo > 1e-4:
+        lo, hi = (lo, (lo + hi) / 2) if rich((lo + hi) / 2) else ((lo + hi) / 2, hi)
+    cache = make("spherical", hi, n_ctx=700, ladder=None)
+    history = run_ops(cache, [32] * 10 + [1] * 380, np.random.default_rng(6))
+    assert cache.offset == 700 and 99 not in history.values()
 
 
 def test_budgeted_pages_keep_short_positions_only_while_the_context_fits_them():

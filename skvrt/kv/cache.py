@@ -181,8 +181,13 @@ class PagedKVCache:
             # the dense tier (sinks + window + half a batch per head on average; an estimate)
             return n_frames >= heads * (n_ctx / tokens_per_page + (policy.sinks + policy.window + self.batch / 2) / Pd)
 
+        def holds_context_surely(tokens_per_page: int) -> bool:  # the same, counting whole pages: every old token
+            # fits at this page size beside a full dense tier (sinks + window + a batch)
+            return n_frames >= heads * (math.ceil(n_ctx / tokens_per_page)
+                                        + math.ceil((policy.sinks + policy.window + self.batch) / Pd))
+
         if policy.ladder_by_room and policy.budget is not None and len(tiers) > 2 and isinstance(tiers[1], DenseTier):
-            old = [0, 1] if holds_context(sizes[2]) else list(range(1, len(tiers) - 1))  # into policy.old_tiers
+            old = [0, 1] if holds_context_surely(sizes[2]) else list(range(1, len(tiers) - 1))  # into policy.old_tiers
             dist = policy.distortion[..., old] if policy.distortion is not None else None
             policy = self.policy = dataclasses.replace(policy, old_tiers=tuple(policy.old_tiers[i] for i in old),
                                                        distortion=dist)
