@@ -11,7 +11,8 @@ References:
   regexes per `tokenizer.ggml.pre`, control tokens split out before BPE, merges never ignored).
 
 Output folder: config.json, generation_config.json, model.safetensors, tokenizer.json,
-tokenizer_config.json, special_tokens_map.json. Written into a temp folder next to `out_dir` and renamed
+tokenizer_config.json, special_tokens_map.json, skvrt-convert.json (the tokenizer revision, so a folder converted
+by an older skvrt gets its tokenizer.json rebuilt: `refresh_tokenizer`). Written into a temp folder next to `out_dir` and renamed
 at the end, so an interrupted conversion leaves nothing half-written.
 """
 
@@ -30,13 +31,18 @@ import numpy as np
 from .errors import InputError, ModelLoadError
 from .safetensors_io import write_safetensors
 
-__all__ = ["convert_gguf", "open_gguf", "build_tokenizer", "build_tokenizer_json", "gguf_to_hf_name",
+__all__ = ["convert_gguf", "open_gguf", "build_tokenizer", "build_tokenizer_json", "refresh_tokenizer",
+           "tokenizer_is_current", "gguf_to_hf_name",
            "unpermute_qk", "permute_qk", "SUPPORTED_PRE_TYPES"]
 
 # GGUF token types (llama.cpp's llama_token_type)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
 # Pre-tokenizer types whose llama.cpp regex list is [\p{N}, GPT-2 regex] (individual digits first).
+# What `build_tokenizer` makes; a converted folder records it in skvrt-convert.json. 1: before bytes missing from
+# the vocabulary cut pre-tokenizer pieces (their neighbours could merge, unlike llama.cpp).
+TOKENIZER_REVISION = 2
+CONVERT_STAMP = "skvrt-convert.json"
 _DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "codeshell"}
 # Pre-tokenizer types handled as the plain GPT-2 regex. ("default" is what old GGUFs without
 # tokenizer.ggml.pre carry; their HF tokenizers are GPT-2 style. llama.cpp itself falls back to a
@@ -168,13 +174,14 @@ def build_tokenizer(reader):
       byte fallback, `ignore_merges=False` (llama.cpp only skips merges for its llama3-family pre types);
     - pre-tokenizer: for "smollm" (and the other types llama.cpp gives the same regex list)
       `Sequence([Digits(individual_digits=True), ByteLevel(add_prefix_space=False, use_regex=True)])`;
-      for "gpt-2"/"default" plain `ByteLevel(add_prefix_space=False, use_regex=True)`;
+      for "gpt-2"/"default" plain `ByteLevel(add_prefix_space=False, use_regex=True)`; then, if some bytes have
+      no token, a `Split` that cuts pieces at those bytes and removes them (llama.cpp never merges across them);
     - decoder ByteLevel; post-processor ByteLevel(trim_offsets=False), or a BOS template if the GGUF says
       `add_bos_token`;
     - CONTROL tokens become special added tokens, USER_DEFINED tokens plain added tokens, so both are
       split out of the text before BPE, as llama.cpp does.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     tok_model = _get(reader, "tokenizer.ggml.model", None)
     if tok_model != "gpt2":
@@ -210,11 +217,17 @@ def build_tokenizer(reader):
 
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False,
                               ignore_merges=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in _DIGITS_THEN_GPT2:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    else:
-        tk.pre_tokenizer = byte_level
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if pre in _DIGITS_THEN_GPT2 else []
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    # A byte whose byte-level character is not a token stays a symbol in llama.cpp's merge loop -- nothing
+    # merges across it -- and is dropped at the end. `tokenizers` drops it before merging, so its neighbours
+    # could merge ('"\x16{' -> '"{'). Cutting the piece at such bytes (and removing them) is llama.cpp's
+    # result: no merge can involve a character that is not in the vocabulary.
+    missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
+    if missing:
+        steps.append(pre_tokenizers.Split(Regex("[" + "".join(re.escape(c) for c in sorted(missing)) + "]"),
+                                          behavior="removed"))
+    tk.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     tk.decoder = decoders.ByteLevel()
 
     added = []
@@ -450,6 +463,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
         _write_json(tmp / "tokenizer_config.json", tf["tokenizer_config"])
         _write_json(tmp / "special_tokens_map.json", tf["special_tokens_map"])
         tokenizer.save(str(tmp / "tokenizer.json"), pretty=True)
+        _write_json(tmp / CONVERT_STAMP, {"tokenizer_revision": TOKENIZER_REVISION})
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700 folders
@@ -469,6 +483,31 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def tokenizer_is_current(folder: str | os.PathLike) -> bool:
+    """Whether a converted folder's tokenizer.json is what this skvrt's `build_tokenizer` makes (its
+    skvrt-convert.json records TOKENIZER_REVISION or later)."""
+    try:
+        stamp = json.loads((Path(folder) / CONVERT_STAMP).read_text(encoding="utf-8"))
+        return int(stamp.get("tokenizer_revision", 0)) >= TOKENIZER_REVISION
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
+def refresh_tokenizer(gguf_path: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Rebuild `folder`/tokenizer.json from the GGUF it was converted from (for a folder an older skvrt wrote:
+    `tokenizer_is_current`), then stamp the folder. The weights are not touched; the new file replaces the old
+    in one rename."""
+    folder = Path(folder)
+    tokenizer = build_tokenizer(open_gguf(gguf_path))
+    tmp = folder / ".tokenizer.json.tmp"
+    try:
+        tokenizer.save(str(tmp), pretty=True)
+        os.replace(tmp, folder / "tokenizer.json")
+    finally:
+        tmp.unlink(missing_ok=True)
+    _write_json(folder / CONVERT_STAMP, {"tokenizer_revision": TOKENIZER_REVISION})
 
 
 def _write_json(path: Path, obj) -> None:

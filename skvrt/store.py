@@ -145,6 +145,7 @@ def pull(name: str = DEFAULT_MODEL, force: bool = False, calibrate: bool = True)
 
     dest = model_dir(name)
     if is_complete(dest) and not force:
+        _refresh_tokenizer(lambda: gguf_path(name), dest)
         if calibrate and not (dest / "skvrt-kv.safetensors").is_file():
             _calibrate(dest)
         return dest
@@ -203,4 +204,17 @@ def convert_cached(gguf: Path) -> Path:
     if not is_complete(dest):
         print(f"skvrt: converting {gguf} -> {dest}", file=sys.stderr)
         convert_gguf(gguf, dest, overwrite=True)
+    else:
+        _refresh_tokenizer(lambda: gguf, dest)
     return dest
+
+
+def _refresh_tokenizer(source, folder: Path) -> None:
+    """Rebuild a converted folder's tokenizer.json if an older skvrt wrote it; source() -> the GGUF, asked for
+    only then."""
+    from .gguf_import import TOKENIZER_REVISION, refresh_tokenizer, tokenizer_is_current
+
+    if not tokenizer_is_current(folder):
+        print(f"skvrt: rebuilding {folder.name}/tokenizer.json (tokenizer revision {TOKENIZER_REVISION})",
+              file=sys.stderr)
+        refresh_tokenizer(source(), folder)

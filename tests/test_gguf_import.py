@@ -41,8 +41,8 @@ def _dtype_kw(torch):
 def test_converted_folder_contents(converted_default):
     names = sorted(p.name for p in converted_default.iterdir())
     # the conversion's files, plus the ADA calibration sidecar `skvrt pull` adds
-    assert names == ["config.json", "generation_config.json", "model.safetensors", "skvrt-kv.safetensors",
-                     "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "skvrt-convert.json",
+                     "skvrt-kv.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     cfg = json.loads((converted_default / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
     assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == (576, 1536, 30)

@@ -206,10 +206,35 @@ def test_random_unicode_matches_twin_and_roundtrips(rebuilt, twin, text):
     assert rebuilt.decode(ids, skip_special_tokens=False) == expected
 
 
+# '"' and '{' merge into one token; a missing byte between them keeps them apart in llama.cpp (found by the
+# random test above: `tokenizers` alone dropped the byte before merging)
+MISSING_BYTE_CASES = ["\x1d", "a\x1db", "x\x04\x06\x13\x14\x16y", '"\x16{', '"\x04{', "  \x16", "\x16  ", "1\x1d2"]
+
+
 def test_bytes_missing_from_vocab_are_dropped_like_llama_cpp(rebuilt, twin):
-    for text in ["\x1d", "a\x1db", "x\x04\x06\x13\x14\x16y"]:
-        assert rebuilt.encode(text).ids == twin.encode(text)
+    for text in MISSING_BYTE_CASES:
+        assert rebuilt.encode(text).ids == twin.encode(text), repr(text)
         assert rebuilt.decode(rebuilt.encode(text).ids) == "".join(c for c in text if c not in _DROPPED)
+
+
+def test_a_folder_converted_by_an_older_skvrt_gets_its_tokenizer_rebuilt(default_gguf, rebuilt, twin, tmp_path,
+                                                                        monkeypatch):
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    from skvrt import store
+    from skvrt.gguf_import import tokenizer_is_current
+
+    old = Tokenizer.from_str(rebuilt.to_str())
+    old.pre_tokenizer = pre_tokenizers.Sequence([old.pre_tokenizer[0], old.pre_tokenizer[1]])  # revision 1: no cut at missing bytes
+    old.save(str(tmp_path / "tokenizer.json"))
+    assert old.encode('"\x16{').ids != twin.encode('"\x16{')
+    assert not tokenizer_is_current(tmp_path)
+    store._refresh_tokenizer(lambda: default_gguf, tmp_path)
+    assert tokenizer_is_current(tmp_path)
+    new = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in MISSING_BYTE_CASES + CASES:
+        assert new.encode(text).ids == twin.encode(text), repr(text)
+    store._refresh_tokenizer(lambda: pytest.fail("a current folder must not be rebuilt"), tmp_path)
 
 
 # -------------------------------------------------------------------------------------- converted folder
@@ -219,9 +244,12 @@ def hf_tokenizer(converted_default):
     return transformers.AutoTokenizer.from_pretrained(str(converted_default))
 
 
-def test_transformers_loads_same_tokenizer(hf_tokenizer, twin):
-    for text in CASES:
-        assert hf_tokenizer(text, add_special_tokens=True)["input_ids"] == twin.encode(text), text
+def test_transformers_loads_same_tokenizer(hf_tokenizer, twin, converted_default):
+    from skvrt.gguf_import import tokenizer_is_current
+
+    assert tokenizer_is_current(converted_default)
+    for text in CASES + MISSING_BYTE_CASES:
+        assert hf_tokenizer(text, add_special_tokens=True)["input_ids"] == twin.encode(text), repr(text)
 
 
 CONVERSATIONS = [
