@@ -25,6 +25,7 @@ SPHERICAL_UTIL_FLOOR = 1.0  # utility floor, a fraction of a uniform attention s
 SPHERICAL_SURPRISAL = 1.0  # share of that floor spread by each token's surprisal (Policy.surprisal); passkey at
 # 7.5K, 25 %: of the 6 / 9 prompts the full cache answers, 5 with it and 3 without (docs/QUALITY.md, session 8)
 
+LOOKAHEAD_HORIZON = 256  # lookahead's per-head scale of the prior (Policy.horizon)
 SPHERICAL_LOOKAHEAD = None  # prefill twice, choosing tiers knowing the prompt's last queries (Policy.lookahead);
 # None = auto: when the budget cannot hold the whole context at the cheapest tier (tokens will be dropped). WikiText
 # KL at 12.5 / 10 %: 0.0688 / 0.0927 -> 0.0582 / 0.0818, for a 2x prefill there (docs/QUALITY.md, session 9)
@@ -104,13 +105,18 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
                 ladder=None, kv_dtype: str = "float16", obs: int = 32, chunk: int | None = None,
                 distortion: str = "measured", batch: int | None = None, drop_cost: float | None = None,
                 util_floor: float | None = None, keep_if_fits: bool | None = None,
-                surprisal: float | None = None, lookahead=None) -> Policy:
+                surprisal: float | None = None, lookahead=None, horizon: int | None = None) -> Policy:
     if kv_policy not in KV_POLICIES:
         raise InputError(f"unknown --kv-policy {kv_policy!r}; valid: {', '.join(KV_POLICIES)}")
     if window is None:
         window = RDR_WINDOW if kv_policy in BUDGETED else 64
     if lookahead is not None and kv_policy not in BUDGETED:
         raise InputError(f"lookahead is an option of the budgeted policies ({', '.join(BUDGETED)}), not {kv_policy}")
+    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer))
+                                or horizon < 0):
+        raise InputError(f"horizon must be a whole number of tokens >= 0 (0: no scaling), not {horizon!r}")
+    if horizon is not None and kv_policy not in BUDGETED:
+        raise InputError(f"horizon is an option of the budgeted policies ({', '.join(BUDGETED)}), not {kv_policy}")
     if kv_policy == "full":
         return Policy(budget=budget)
     if sinks < 0 or window < 1:
@@ -129,7 +135,7 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
             look = _flag("lookahead", lookahead, False)
         except InputError:
             raise InputError(f"lookahead must be auto, true or false (1 / 0), not {lookahead!r}") from None
-    budgeted = dict(lookahead=look)
+    budgeted = dict(lookahead=look, horizon=int(horizon if horizon is not None else LOOKAHEAD_HORIZON))
     if kv_policy == "window":
         return Policy("window", **common)
     if kv_policy in ("snapkv", "h2o"):

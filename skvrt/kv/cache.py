@@ -82,6 +82,10 @@ class Policy:
     # nothing (the last queries stand for them): tiers are chosen knowing what the prompt ends with. None = auto:
     # only when the budget cannot hold the whole context (n_ctx) at the cheapest old tier, i.e. when tokens will be
     # dropped (PagedKVCache.holds_all)
+    horizon: int = 256  # rdr with lookahead: tokens a continuation is expected to span. Each head's prior is scaled
+    # by the share of its last queries' attention that lies further back than a query of the continuation will be
+    # from the prompt's end (weight min(distance, horizon) / horizon): a head that attends nearby will give the
+    # prompt's old tokens little, so they cost it little (`PagedKVCache._record_queries`). 0: no scaling
     ladder_by_room: bool = False  # rdr, a ladder that starts with a dense old tier: keep only the tiers the budget
     # calls for. When the budget holds the whole context (n_ctx) at the richest coded tier: dense and that tier
     # (the cheaper steps would only pay for dense old tokens; dev, 33.4 %: KL 0.0013 -> 0.0012 / 0.0010); below
@@ -232,10 +236,11 @@ class PagedKVCache:
         self.wants_lookahead = bool(policy.allocator == "rdr" and (
             policy.lookahead or (policy.lookahead is None and not self.holds_all)))
         self._look_end = None  # while recording: the prompt's end position; its last `obs` queries are kept
-        self._look_rec = {}  # layer -> {"q": per KV head [(G, t, D)], "lse": per KV head [(G, t)], "pos": [(t,)]}, one
-        # entry per chunk, recorded in the first pass
-        self._look_q = None  # second pass: layer -> (q (nq, n, D), lse (nq, n), positions (n,)): the prompt's last
-        # queries
+        self._look_rec = {}  # layer -> {"q": per KV head [(G, t, D)], "lse": per KV head [(G, t)], "reach": per KV
+        # head [(t,)], "pos": [(t,)]}, one entry per chunk, recorded in the first pass
+        self._look_q = None  # second pass: layer -> (q (nq, n, D), lse (nq, n), positions (n,), reach (H,)): the
+        # prompt's last queries, and per KV head the share of their attention a continuation would still give the
+        # prompt (`_record_queries`)
         self._look_until = None  # second pass: the prompt's end; its queries are not observers (their attention
         # would be the mean over every later prompt query, which predicts what follows the prompt worse than the
         # prompt's last queries alone: bench/utility_predictors.py), so a prompt token's utility is `_prior` plus
@@ -865,29 +870,44 @@ class PagedKVCache:
             self._look_until = end
             self._look_q = {layer: (np.concatenate([np.concatenate(c, axis=1) for c in r["q"]]),
                                     np.concatenate([np.concatenate(c, axis=1) for c in r["lse"]]),
-                                    np.concatenate(r["pos"]))
+                                    np.concatenate(r["pos"]),
+                                    np.array([np.concatenate(c).mean() for c in r["reach"]]))
                             for layer, r in rec.items()}
 
     def _record_queries(self, layer: int, h: int, q: np.ndarray, scores: np.ndarray, kpos: np.ndarray,
                         qpos: np.ndarray) -> None:
-        """q (G, T, D), scores (G, T, N) of head h's query group: keep the rows of the prompt's last `obs` queries."""
+        """q (G, T, D), scores (G, T, N) of head h's query group: keep the rows of the prompt's last `obs` queries,
+        the log-sum-exp of their logits, and their reach: the attention each gives tokens at distance d, weighted by
+        min(d, horizon) / horizon, summed over the group. A query of the continuation, j tokens after the prompt,
+        gives the prompt's tokens what these give tokens further back than j -- if the head's profile over distance
+        holds -- so a head that mostly attends nearby gives the prompt little of it (Policy.horizon)."""
         rows = (qpos >= self._look_end - self.policy.obs) & (qpos < self._look_end)
         if not rows.any():
             return
         s = np.where(kpos[None, None, :] > qpos[rows][None, :, None], -np.inf, scores[:, rows])  # (G, t, N)
+        lse = logsumexp(s)  # (G, t, 1)
+        horizon = self.policy.horizon
+        if horizon:
+            far = np.clip(qpos[rows][:, None] - kpos[None, :], 0, horizon) / horizon  # (t, N)
+            reach = (np.exp(s - lse) * far).sum(axis=(0, 2))  # (t,)
+        else:
+            reach = np.full(int(rows.sum()), float(q.shape[0]))  # no scaling: the group's whole attention
         H = self.n_kv_heads
-        rec = self._look_rec.setdefault(layer, {"q": [[] for _ in range(H)], "lse": [[] for _ in range(H)], "pos": []})
+        rec = self._look_rec.setdefault(layer, {"q": [[] for _ in range(H)], "lse": [[] for _ in range(H)],
+                                                "reach": [[] for _ in range(H)], "pos": []})
         rec["q"][h].append(q[:, rows].astype(np.float32))
-        rec["lse"][h].append(logsumexp(s)[..., 0])
+        rec["lse"][h].append(lse[..., 0])
+        rec["reach"][h].append(reach)
         if h == 0:
             rec["pos"].append(qpos[rows].astype(np.int64))
 
     def _note_prior(self, layer: int, h: int, k: np.ndarray, pos: np.ndarray) -> None:
         """Tokens of (layer, h) leaving the window (keys k (n, D) float32 at positions pos (n,)): their attention
-        from the prompt's last queries recorded by the first pass (none for tokens after the prompt)."""
+        from the prompt's last queries recorded by the first pass (none for tokens after the prompt), scaled per
+        head by the share of it a continuation would still give the prompt (reach / G, `_record_queries`)."""
         if self._look_q is None or layer not in self._look_q or not len(pos):
             return
-        q, lse, qpos = self._look_q[layer]
+        q, lse, qpos, reach = self._look_q[layer]
         G = q.shape[0] // self.n_kv_heads
         inside = pos <= qpos[-1]  # tokens of the prompt (not generated after it)
         if not inside.any():
@@ -896,7 +916,7 @@ class PagedKVCache:
         s = np.einsum("gtd,jd->gtj", qg, k[inside]).astype(np.float64) * self.scale  # (G, n, m)
         w = np.exp(s - lg[..., None])
         w[:, qpos[:, None] < pos[inside][None, :]] = 0  # causal: a query does not see later tokens
-        self._prior[layer * self.n_kv_heads + h, pos[inside]] = w.mean(axis=1).sum(axis=0)  # (m,)
+        self._prior[layer * self.n_kv_heads + h, pos[inside]] = w.mean(axis=1).sum(axis=0) * (reach[h] / G)  # (m,)
 
     def _add_mass(self, scores: np.ndarray, kpos: np.ndarray, qpos: np.ndarray, where) -> None:
         """Add the softmax weights of the observing queries (scores (G, n_obs, N)), summed over queries and the
@@ -962,6 +982,10 @@ class PagedKVCache:
         self._attended = -1
         if n_tokens > self.offset:
             return
+        if n_tokens < self.offset:  # the allocator's multiplier priced what is removed (and, after a lookahead's
+            # first pass, utilities of another scale): the next departure searches afresh instead of placing tokens
+            # -- dropping some for good -- at a stale one
+            self._lam, self._depart_frames, self._round_frames = None, 0, 0
         for layer in range(self.n_layers):
             for h in range(self.n_kv_heads):
                 i = 0
