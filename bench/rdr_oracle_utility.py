@@ -10,6 +10,14 @@ give the token, summed over the query group, averaged over the queries -- the sc
 (`PagedKVCache.utilities`), which the oracle replaces (ORACLE=only, default), replaces for the prompt's tokens only
 (ORACLE=prompt) or adds to (ORACLE=add). The
 policy then runs as usual (teacher-forced decode of the E scored tokens). Lookahead is off: the oracle knows more.
+
+Decomposition modes (the prompt's tokens only, like ORACLE=prompt; no floor): the same pass also gives the prior,
+the attention of the prompt's last 32 queries (what lookahead computes, here from exact queries and keys), and
+its per-head reach (Policy.horizon, 256):
+  ORACLE=prior          the prior
+  ORACLE=prior-oscale   the prior, scaled per (layer, head) to the oracle's sum over the prompt's tokens
+  ORACLE=prior-reach    the prior x reach / G (what horizon=256 does)
+  ORACLE=oracle-pscale  the oracle, scaled per (layer, head) to the prior's sum
 """
 from __future__ import annotations
 
@@ -54,6 +62,37 @@ def oracle_prior(model, wt: np.ndarray, N: int, E: int) -> np.ndarray:
     return out
 
 
+def prompt_utilities(model, wt: np.ndarray, N: int, E: int, n_obs: int = 32, horizon: int = 256) -> dict:
+    """{mode: (L * H, N) utility of the prompt's tokens (0 after the prompt)} for the decomposition modes."""
+    key = ("modes", wt[:N].tobytes())
+    if key in _priors:
+        return _priors[key]
+    args = model.args
+    qs, ks = record(model, wt[:N])
+    L, H = args.num_hidden_layers, args.num_key_value_heads
+    P = N - E
+    orc, pri, reach = np.zeros((L * H, N)), np.zeros((L * H, N)), np.zeros((L * H, 1))
+    sel = np.r_[P - n_obs : P, P:N]  # the prior's queries, then the scored ones
+    causal = np.arange(N)[None, :] > sel[:, None]  # (n_obs + E, N) key after query
+    far = np.clip(sel[:n_obs, None] - np.arange(N)[None, :], 0, horizon) / horizon  # (n_obs, N)
+    for layer in range(L):
+        q, k = qs[layer][:, sel], ks[layer]
+        G = q.shape[0] // H
+        for h in range(H):
+            s = (q[h * G : (h + 1) * G] @ k[h].T) * args.head_dim ** -0.5  # (G, n_obs + E, N)
+            p = np.exp(log_softmax(np.where(causal, -np.inf, s))).sum(axis=0)  # (n_obs + E, N)
+            orc[layer * H + h], pri[layer * H + h] = p[n_obs:].mean(axis=0), p[:n_obs].mean(axis=0)
+            reach[layer * H + h] = (p[:n_obs] * far).sum(axis=1).mean() / G
+    orc[:, P:] = pri[:, P:] = 0
+    so, sp = orc.sum(1, keepdims=True), pri.sum(1, keepdims=True)
+    print(f"per-head sums over the prompt, correlation with the oracle's: prior {np.corrcoef(sp[:, 0], so[:, 0])[0, 1]:.3f}, "
+          f"reach {np.corrcoef(reach[:, 0], so[:, 0])[0, 1]:.3f}", flush=True)
+    out = {"prior": pri, "prior-oscale": pri * so / np.maximum(sp, 1e-30), "prior-reach": pri * reach,
+           "oracle-pscale": orc * sp / np.maximum(so, 1e-30)}
+    _priors[key] = out
+    return out
+
+
 def main() -> None:
     run_window = evaluate.KLEvaluator.run_window
 
@@ -63,6 +102,13 @@ def main() -> None:
 
     def oracle_make_cache(args, n_ctx=None, kv_policy="full", kv_dtype="float16", **opts):
         cache = make_cache(args, n_ctx=n_ctx, kv_policy=kv_policy, kv_dtype=kv_dtype, **{**opts, "lookahead": 0})
+        if MODE in ("prior", "prior-oscale", "prior-reach", "oracle-pscale"):
+            u = prompt_utilities(_current["model"], _current["wt"], _current["N"], _current["E"])[MODE]
+            measured = cache.utilities
+            prompt = _current["N"] - _current["E"]
+            cache.utilities = lambda pos, mass, lh=None: np.where(pos < prompt, u[lh, np.minimum(pos, prompt - 1)],
+                                                                  measured(pos, mass, lh))
+            return cache
         prior = oracle_prior(_current["model"], _current["wt"], _current["N"], _current["E"])
         if MODE == "only":
             cache.utilities = lambda pos, mass, lh=None: prior[lh, pos]

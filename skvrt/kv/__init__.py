@@ -25,7 +25,8 @@ SPHERICAL_UTIL_FLOOR = 1.0  # utility floor, a fraction of a uniform attention s
 SPHERICAL_SURPRISAL = 1.0  # share of that floor spread by each token's surprisal (Policy.surprisal); passkey at
 # 7.5K, 25 %: of the 6 / 9 prompts the full cache answers, 5 with it and 3 without (docs/QUALITY.md, session 8)
 
-LOOKAHEAD_HORIZON = 256  # lookahead's per-head scale of the prior (Policy.horizon)
+LOOKAHEAD_HORIZON = 256  # lookahead's per-head scale of the prior (Policy.horizon); WikiText KL at 12.5 / 10 %:
+# 0.0473 / 0.0738 -> 0.0388 / 0.0557 (docs/QUALITY.md, session 13)
 SPHERICAL_LOOKAHEAD = None  # prefill twice, choosing tiers knowing the prompt's last queries (Policy.lookahead);
 # None = auto: when the budget cannot hold the whole context at the cheapest tier (tokens will be dropped). WikiText
 # KL at 12.5 / 10 %: 0.0688 / 0.0927 -> 0.0582 / 0.0818, for a 2x prefill there (docs/QUALITY.md, session 9)
