@@ -18,6 +18,8 @@ its per-head reach (Policy.horizon, 256):
   ORACLE=prior-oscale   the prior, scaled per (layer, head) to the oracle's sum over the prompt's tokens
   ORACLE=prior-reach    the prior x reach / G (what horizon=256 does)
   ORACLE=oracle-pscale  the oracle, scaled per (layer, head) to the prior's sum
+  ORACLE=prior-dist     the prior x, per token, how much less a query E tokens on gives a token than a last query
+                        does, by the head's attention per distance (`distance_ratio`)
 """
 from __future__ import annotations
 
@@ -62,6 +64,27 @@ def oracle_prior(model, wt: np.ndarray, N: int, E: int) -> np.ndarray:
     return out
 
 
+def distance_ratio(att: np.ndarray, qpos: np.ndarray, N: int, P: int, E: int) -> np.ndarray:
+    """att (n, N): the prior queries' attention (at positions qpos (n,)) -> (N,) for each prompt token at distance
+    delta = P - i from the prompt's end, the mean over j < E of g(delta + j) / g(delta), where g is the head's mean
+    attention per token at a distance, in log2 bins of distance (a separable model: content x distance)."""
+    d = qpos[:, None] - np.arange(N)[None, :]  # (n, N)
+    ok = d >= 0
+    b = np.floor(np.log2(np.maximum(d, 0) + 1)).astype(np.int64)
+    nb = int(np.log2(N + E + 1)) + 2
+    g = np.bincount(b[ok], weights=att[ok], minlength=nb) / np.maximum(np.bincount(b[ok], minlength=nb), 1)
+    g = np.maximum(g, 1e-12)
+    for k in range(1, nb):  # bins no query reached (beyond the context): the last reached bin's level
+        if not (b[ok] == k).any():
+            g[k] = g[k - 1]
+    delta = np.arange(1, P + 1)  # token i = P - delta
+    fut = np.floor(np.log2(delta[:, None] + np.arange(E)[None, :] + 1)).astype(np.int64)  # (P, E)
+    r = g[fut].mean(axis=1) / g[np.floor(np.log2(delta + 1)).astype(np.int64)]
+    out = np.zeros(N)
+    out[P - delta] = r
+    return out
+
+
 def prompt_utilities(model, wt: np.ndarray, N: int, E: int, n_obs: int = 32, horizon: int = 256) -> dict:
     """{mode: (L * H, N) utility of the prompt's tokens (0 after the prompt)} for the decomposition modes."""
     key = ("modes", wt[:N].tobytes())
@@ -72,6 +95,7 @@ def prompt_utilities(model, wt: np.ndarray, N: int, E: int, n_obs: int = 32, hor
     L, H = args.num_hidden_layers, args.num_key_value_heads
     P = N - E
     orc, pri, reach = np.zeros((L * H, N)), np.zeros((L * H, N)), np.zeros((L * H, 1))
+    ratio = np.zeros((L * H, N))  # prior-dist: per token, mean over j < E of g(delta + j) / g(delta)
     sel = np.r_[P - n_obs : P, P:N]  # the prior's queries, then the scored ones
     causal = np.arange(N)[None, :] > sel[:, None]  # (n_obs + E, N) key after query
     far = np.clip(sel[:n_obs, None] - np.arange(N)[None, :], 0, horizon) / horizon  # (n_obs, N)
@@ -83,11 +107,12 @@ def prompt_utilities(model, wt: np.ndarray, N: int, E: int, n_obs: int = 32, hor
             p = np.exp(log_softmax(np.where(causal, -np.inf, s))).sum(axis=0)  # (n_obs + E, N)
             orc[layer * H + h], pri[layer * H + h] = p[n_obs:].mean(axis=0), p[:n_obs].mean(axis=0)
             reach[layer * H + h] = (p[:n_obs] * far).sum(axis=1).mean() / G
+            ratio[layer * H + h] = distance_ratio(p[:n_obs], sel[:n_obs], N, P, E)
     orc[:, P:] = pri[:, P:] = 0
     so, sp = orc.sum(1, keepdims=True), pri.sum(1, keepdims=True)
     print(f"per-head sums over the prompt, correlation with the oracle's: prior {np.corrcoef(sp[:, 0], so[:, 0])[0, 1]:.3f}, "
           f"reach {np.corrcoef(reach[:, 0], so[:, 0])[0, 1]:.3f}", flush=True)
-    out = {"prior": pri, "prior-oscale": pri * so / np.maximum(sp, 1e-30), "prior-reach": pri * reach,
+    out = {"prior-dist": pri * ratio, "prior": pri, "prior-oscale": pri * so / np.maximum(sp, 1e-30), "prior-reach": pri * reach,
            "oracle-pscale": orc * sp / np.maximum(so, 1e-30)}
     _priors[key] = out
     return out
@@ -102,7 +127,7 @@ def main() -> None:
 
     def oracle_make_cache(args, n_ctx=None, kv_policy="full", kv_dtype="float16", **opts):
         cache = make_cache(args, n_ctx=n_ctx, kv_policy=kv_policy, kv_dtype=kv_dtype, **{**opts, "lookahead": 0})
-        if MODE in ("prior", "prior-oscale", "prior-reach", "oracle-pscale"):
+        if MODE in ("prior", "prior-oscale", "prior-reach", "oracle-pscale", "prior-dist"):
             u = prompt_utilities(_current["model"], _current["wt"], _current["N"], _current["E"])[MODE]
             measured = cache.utilities
             prompt = _current["N"] - _current["E"]
