@@ -12,8 +12,8 @@ References:
 
 Output folder: config.json, generation_config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json, special_tokens_map.json, skvrt-convert.json (the tokenizer revision, so a folder converted
-by an older skvrt gets its tokenizer.json rebuilt: `refresh_tokenizer`). Written into a temp folder next to `out_dir` and renamed
-at the end, so an interrupted conversion leaves nothing half-written.
+by an older skvrt gets its tokenizer.json rebuilt: `refresh_tokenizer`). Written into a temp folder next to
+`out_dir` and renamed at the end, so an interrupted conversion leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ __all__ = ["convert_gguf", "open_gguf", "build_tokenizer", "build_tokenizer_json
 # GGUF token types (llama.cpp's llama_token_type)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
-# Pre-tokenizer types whose llama.cpp regex list is [\p{N}, GPT-2 regex] (individual digits first).
 # What `build_tokenizer` makes; a converted folder records it in skvrt-convert.json. 1: before bytes missing from
 # the vocabulary cut pre-tokenizer pieces (their neighbours could merge, unlike llama.cpp).
 TOKENIZER_REVISION = 2
 CONVERT_STAMP = "skvrt-convert.json"
+
+# Pre-tokenizer types whose llama.cpp regex list is [\p{N}, GPT-2 regex] (individual digits first).
 _DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "codeshell"}
 # Pre-tokenizer types handled as the plain GPT-2 regex. ("default" is what old GGUFs without
 # tokenizer.ggml.pre carry; their HF tokenizers are GPT-2 style. llama.cpp itself falls back to a
