@@ -39,29 +39,13 @@ from utility_predictors import record  # noqa: E402  (bench/, this script's fold
 
 MODE = os.environ.get("ORACLE", "only")
 _current = {}  # the window being evaluated: model, tokens, N, E
-_priors = {}  # window bytes -> (L * H, N) oracle utility
+_priors = {}  # window bytes -> attention_tables(...)
 
 
 def oracle_prior(model, wt: np.ndarray, N: int, E: int) -> np.ndarray:
     """(L * H, N) attention of the queries at N-E .. N-1 to every token, summed over each query group, mean over
     the queries (dense float32 cache, one pass: bench/utility_predictors.record)."""
-    key = wt[:N].tobytes()
-    if key in _priors:
-        return _priors[key]
-    args = model.args
-    qs, ks = record(model, wt[:N])
-    L, H = args.num_hidden_layers, args.num_key_value_heads
-    out = np.zeros((L * H, N))
-    causal = np.arange(N)[None, :] > np.arange(N - E, N)[:, None]  # (E, N) key after query
-    for layer in range(L):
-        q, k = qs[layer][:, N - E :], ks[layer]  # (nq, E, D), (H, N, D)
-        G = q.shape[0] // H
-        for h in range(H):
-            s = (q[h * G : (h + 1) * G] @ k[h].T) * args.head_dim ** -0.5  # (G, E, N)
-            p = np.exp(log_softmax(np.where(causal, -np.inf, s)))
-            out[layer * H + h] = p.mean(axis=1).sum(axis=0)
-    _priors[key] = out
-    return out
+    return attention_tables(model, wt, N, E)["oracle"]
 
 
 def distance_ratio(att: np.ndarray, qpos: np.ndarray, N: int, P: int, E: int) -> np.ndarray:
@@ -85,9 +69,12 @@ def distance_ratio(att: np.ndarray, qpos: np.ndarray, N: int, P: int, E: int) ->
     return out
 
 
-def prompt_utilities(model, wt: np.ndarray, N: int, E: int, n_obs: int = 32, horizon: int = 256) -> dict:
-    """{mode: (L * H, N) utility of the prompt's tokens (0 after the prompt)} for the decomposition modes."""
-    key = ("modes", wt[:N].tobytes())
+def attention_tables(model, wt: np.ndarray, N: int, E: int, n_obs: int = 32, horizon: int = 256) -> dict:
+    """One dense float32 pass over the window's first N tokens -> {"oracle": (L * H, N) attention of the scored
+    queries (N-E .. N-1), "prior": (L * H, N) of the prompt's last n_obs queries, "reach": (L * H, 1) reach / G of
+    those (Policy.horizon), "ratio": (L * H, N) `distance_ratio`}; each summed over the query group, mean over the
+    queries."""
+    key = wt[:N].tobytes()
     if key in _priors:
         return _priors[key]
     args = model.args
@@ -95,7 +82,7 @@ def prompt_utilities(model, wt: np.ndarray, N: int, E: int, n_obs: int = 32, hor
     L, H = args.num_hidden_layers, args.num_key_value_heads
     P = N - E
     orc, pri, reach = np.zeros((L * H, N)), np.zeros((L * H, N)), np.zeros((L * H, 1))
-    ratio = np.zeros((L * H, N))  # prior-dist: per token, mean over j < E of g(delta + j) / g(delta)
+    ratio = np.zeros((L * H, N))
     sel = np.r_[P - n_obs : P, P:N]  # the prior's queries, then the scored ones
     causal = np.arange(N)[None, :] > sel[:, None]  # (n_obs + E, N) key after query
     far = np.clip(sel[:n_obs, None] - np.arange(N)[None, :], 0, horizon) / horizon  # (n_obs, N)
@@ -108,14 +95,21 @@ def prompt_utilities(model, wt: np.ndarray, N: int, E: int, n_obs: int = 32, hor
             orc[layer * H + h], pri[layer * H + h] = p[n_obs:].mean(axis=0), p[:n_obs].mean(axis=0)
             reach[layer * H + h] = (p[:n_obs] * far).sum(axis=1).mean() / G
             ratio[layer * H + h] = distance_ratio(p[:n_obs], sel[:n_obs], N, P, E)
+    _priors[key] = out = {"oracle": orc, "prior": pri, "reach": reach, "ratio": ratio}
+    return out
+
+
+def prompt_utilities(model, wt: np.ndarray, N: int, E: int) -> dict:
+    """{mode: (L * H, N) utility of the prompt's tokens (0 after the prompt)} for the decomposition modes."""
+    t = attention_tables(model, wt, N, E)
+    P = N - E
+    orc, pri = t["oracle"].copy(), t["prior"].copy()
     orc[:, P:] = pri[:, P:] = 0
     so, sp = orc.sum(1, keepdims=True), pri.sum(1, keepdims=True)
     print(f"per-head sums over the prompt, correlation with the oracle's: prior {np.corrcoef(sp[:, 0], so[:, 0])[0, 1]:.3f}, "
-          f"reach {np.corrcoef(reach[:, 0], so[:, 0])[0, 1]:.3f}", flush=True)
-    out = {"prior-dist": pri * ratio, "prior": pri, "prior-oscale": pri * so / np.maximum(sp, 1e-30), "prior-reach": pri * reach,
-           "oracle-pscale": orc * sp / np.maximum(so, 1e-30)}
-    _priors[key] = out
-    return out
+          f"reach {np.corrcoef(t['reach'][:, 0], so[:, 0])[0, 1]:.3f}", flush=True)
+    return {"prior-dist": pri * t["ratio"], "prior": pri, "prior-oscale": pri * so / np.maximum(sp, 1e-30),
+            "prior-reach": pri * t["reach"], "oracle-pscale": orc * sp / np.maximum(so, 1e-30)}
 
 
 def main() -> None:
