@@ -41,7 +41,7 @@ KvDtypeOpt = typer.Option("float16", "--kv-dtype", help="Dense KV tier storage: 
 KvPolicyOpt = typer.Option("full", "--kv-policy", help="KV cache policy: full, window (sinks + recent), ada (angle-domain key codes; --kv-tier), quant (int K/V for old tokens), snapkv / h2o (eviction under --kv-budget), spherical (ADA + RDR under --kv-budget).")
 KvTierOpt = typer.Option(None, "--kv-tier", help="ADA tier: key bits per token per KV head (e.g. 128, 192, 256).")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda (default: $SKVRT_DEVICE, else auto). cuda fails with the reason when CuPy, a GPU or NVRTC is missing; it never falls back to the CPU.")
-KvOptOpt = typer.Option([], "--kv-opt", help="Policy option key=value (repeatable): sinks, window, k_bits, v_bits, v_group, ladder (spherical, e.g. dense,256:4,192:2,128:2), drop_cost, util_floor, keep_if_fits, surprisal (spherical: share 0..1 of the utility floor spread by each token's surprisal), lookahead (budgeted policies: auto / 1 / 0, prefill the prompt twice so tiers are chosen knowing its last queries; spherical default auto = when the budget cannot keep every token), horizon (with lookahead: tokens the continuation is expected to span, default 256; each head's prior is scaled by the share of its attention that reaches that far back; 0 = no scaling).")
+KvOptOpt = typer.Option([], "--kv-opt", help="Policy option key=value (repeatable): sinks, window, k_bits, v_bits, v_group, ladder (spherical, e.g. dense,256:4,192:2,128:2), drop_cost, util_floor, keep_if_fits, surprisal (spherical: share 0..1 of the utility floor spread by each token's surprisal), lookahead (budgeted policies: auto / 1 / 0, prefill the prompt twice so tiers are chosen knowing its last queries; spherical default auto = when the budget cannot keep every token), horizon (with lookahead: tokens the continuation is expected to span, default 256; each head's prior is scaled by the share of its attention that reaches that far back; 0 = no scaling), head_weight (spherical: power 0..4 of each head's calibrated output sensitivity that weighs its distortions, default 0.5; 0 = every head alike).")
 
 
 def sampling(temp, top_p, top_k, min_p, repeat_penalty, seed) -> dict:
@@ -229,6 +229,13 @@ def calibrate(
     if ladder:
         msg += (f"; distortion d of the ADA tiers any ladder is built from, per (layer, kv head), on the last {n_held} (held back; 0 = dense, "
                 f"1 = as if dropped), mean " + ", ".join(f"{r['tier']} {r['d']:.3g}" for r in ladder))
+    if cal.head_sensitivity is not None:
+        import numpy as np
+
+        lo, hi = np.percentile(cal.head_sensitivity, [10, 90])
+        msg += (f"; head sensitivity (output KL per attention mass dropped) from the first "
+                f"{m['head_sensitivity']['tokens']} tokens, {m['head_sensitivity']['seconds']} s: the 90th percentile "
+                f"head {hi / max(lo, 1e-30):.1f}x the 10th")
     print(msg, file=sys.stderr)
     if not show_report:
         return

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelLoadError
+from .head_sensitivity import MIN_MASS, TOKENS as SENSITIVITY_TOKENS, head_sensitivity
 from .loader import SIDECAR  # one name for the sidecar file
 from .safetensors_io import read_safetensors, read_safetensors_header, write_safetensors
 
@@ -86,6 +87,8 @@ class Calibration:
     ladder_distortion: np.ndarray | None = None  # (L, H, n_tiers) d of the tiers of meta["ladder"] (the menu)
     angle_err: np.ndarray | None = None  # (L, H, D/2, MAX_WIDTH + 1) logit error of angle codes of 0.. bits
     radius_err: np.ndarray | None = None  # (L, H, D/2, MAX_WIDTH + 1) the same for radius codes
+    head_sensitivity: np.ndarray | None = None  # (L, H) output KL per unit of attention mass dropped
+    # (skvrt.head_sensitivity); sidecars before session 14 have none
 
     def ada_tier(self, key_bits: int, v_bits: int = 4, v_group: int = LADDER_V_GROUP):
         """The ADA tier of key_bits per token per head: widths from the error tables, else from pair_weight."""
@@ -130,6 +133,8 @@ class Calibration:
             tensors.update(angle_err=self.angle_err.astype(np.float32), radius_err=self.radius_err.astype(np.float32))
         if self.ladder_distortion is not None:
             tensors["ladder_distortion"] = self.ladder_distortion.astype(np.float32)
+        if self.head_sensitivity is not None:
+            tensors["head_sensitivity"] = self.head_sensitivity.astype(np.float32)
         return write_safetensors(folder / SIDECAR, tensors, metadata={"skvrt": json.dumps(self.meta)})
 
 
@@ -165,6 +170,15 @@ def load_calibration(folder: str | Path) -> Calibration | None:
         if ea.shape != want or er.shape != want or not (np.isfinite(ea).all() and np.isfinite(er).all()):
             raise ModelLoadError(f"{path}: angle_err / radius_err are not finite {want} tables; run `skvrt calibrate`")
         cal.angle_err, cal.radius_err = ea, er
+    if "head_sensitivity" not in t:
+        print(f"skvrt: {path} predates head sensitivity: spherical weighs every head's distortion alike; run "
+              "`skvrt calibrate` to measure it", file=sys.stderr)
+    else:
+        hs = np.asarray(t["head_sensitivity"])
+        if hs.shape != cal.q_sq.shape[:2] or not (np.isfinite(hs).all() and (hs >= 0).all()):
+            raise ModelLoadError(f"{path}: head_sensitivity is not a finite, non-negative {cal.q_sq.shape[:2]} "
+                                 "table; run `skvrt calibrate`")
+        cal.head_sensitivity = hs
     return cal
 
 
@@ -408,5 +422,12 @@ def calibrate(llm, text: str | None = None, source: str = "self-generated", ladd
                         ladder_mean=[{"tier": t.name, "key_bits": t.key_bits, "v_bits": t.v_bits, "d": float(lg + vl),
                                       "logit": float(lg), "value": float(vl)}
                                      for t, (lg, vl) in zip(tiers, terms.mean(axis=(0, 1)))])
+        args = llm.model.args
+        task = bar.add_task("calibrate: head sensitivity", total=args.num_hidden_layers * args.num_key_value_heads)
+        t1 = time.perf_counter()
+        head = tokens[:SENSITIVITY_TOKENS]
+        kl_mass = head_sensitivity(llm.model, head, progress=lambda d, t: bar.update(task, completed=d))
+        cal.head_sensitivity = (kl_mass[..., 0] / np.maximum(kl_mass[..., 1], MIN_MASS)).astype(np.float32)
+        meta.update(head_sensitivity={"tokens": int(len(head)), "seconds": round(time.perf_counter() - t1, 1)})
     meta.update(seconds=round(time.perf_counter() - t0, 1), date=time.strftime("%Y-%m-%d"))
     return (cal, held) if return_held else cal

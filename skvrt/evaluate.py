@@ -157,13 +157,16 @@ REF_FORMAT = 1
 
 def model_fingerprint(folder: str | os.PathLike) -> str:
     """Identity of a model folder for the reference store: resolved path, config.json bytes, and the name,
-    size and mtime of every weight file (cheap; no hashing of the weights)."""
+    size and mtime of every weight file (cheap; no hashing of the weights). The calibration sidecar is not a weight
+    file: recalibrating leaves the dense references as they are."""
+    from .loader import SIDECAR
+
     folder = Path(folder).resolve()
     h = hashlib.sha256(str(folder).encode())
     cfg = folder / "config.json"
     if cfg.is_file():
         h.update(cfg.read_bytes())
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in sorted(f for f in folder.glob("*.safetensors") if f.name != SIDECAR):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:24]

@@ -216,6 +216,19 @@ def test_reference_store_round_trip(tiny, tokens, tmp_path):
     assert not r3.windows[0].ref_cached and r3.summary()["mean_kl"] < 1e-10
 
 
+def test_fingerprint_follows_the_weights_not_the_calibration_sidecar(tmp_path):
+    from skvrt.loader import SIDECAR
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "model.safetensors").write_bytes(b"w" * 10)
+    (tmp_path / SIDECAR).write_bytes(b"c" * 10)
+    first = ev.model_fingerprint(tmp_path)
+    (tmp_path / SIDECAR).write_bytes(b"recalibrated" * 3)
+    assert ev.model_fingerprint(tmp_path) == first
+    (tmp_path / "model.safetensors").write_bytes(b"w" * 11)
+    assert ev.model_fingerprint(tmp_path) != first
+
+
 # ---- CLI ------------------------------------------------------------------------------------------------
 
 REQUIRED_KEYS = {"mean_kl", "p99_kl", "ppl", "ppl_ref", "ppl_ratio", "top1_agreement", "kv_bytes_fraction",

@@ -144,8 +144,10 @@ L, H, D = 2, 2, 64
 
 
 def calibration(rng):
+    """Random statistics and head sensitivity (so spherical caches weigh their heads, as from a real sidecar)."""
     return Calibration(rng.uniform(0.1, 2, (L, H, D)).astype(np.float32),
-                       rng.uniform(0.1, 2, (L, H, D)).astype(np.float32), {})
+                       rng.uniform(0.1, 2, (L, H, D)).astype(np.float32), {},
+                       head_sensitivity=rng.lognormal(-6, 1, (L, H)).astype(np.float32))
 
 
 def random_keys(rng, n):

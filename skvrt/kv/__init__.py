@@ -25,6 +25,9 @@ SPHERICAL_UTIL_FLOOR = 1.0  # utility floor, a fraction of a uniform attention s
 SPHERICAL_SURPRISAL = 1.0  # share of that floor spread by each token's surprisal (Policy.surprisal); passkey at
 # 7.5K, 25 %: of the 6 / 9 prompts the full cache answers, 5 with it and 3 without (docs/QUALITY.md, session 8)
 
+HEAD_WEIGHT_POWER = 0.5  # spherical: each head's distortions x (its calibrated sensitivity / the geometric mean
+# over heads) ^ this (Policy.head_weight, `head_weight_from`). Dev KL at 10 / 12.5 %: 0.0523 / 0.0366 without,
+# 0.0304 / 0.0208 with; powers 0.25 and 1 gained less (docs/QUALITY.md, session 14)
 LOOKAHEAD_HORIZON = 256  # lookahead's per-head scale of the prior (Policy.horizon); WikiText KL at 12.5 / 10 %:
 # 0.0473 / 0.0738 -> 0.0388 / 0.0557 (docs/QUALITY.md, session 13)
 SPHERICAL_LOOKAHEAD = None  # prefill twice, choosing tiers knowing the prompt's last queries (Policy.lookahead);
@@ -89,6 +92,13 @@ def proxy_distortion(calibration, tiers) -> np.ndarray:
     return np.stack(out, axis=-1)
 
 
+def head_weight_from(sensitivity: np.ndarray, power: float) -> np.ndarray:
+    """(L, H) sensitivity (the sidecar's, skvrt.head_sensitivity) -> (L, H) weight (s / geometric mean of s) ^
+    power, where s is floored at 1e-6 of its largest value (a head the output ignores gets a small weight, not 0)."""
+    s = np.maximum(np.asarray(sensitivity, np.float64), 1e-6 * max(float(np.max(sensitivity)), 1e-30))
+    return np.exp(power * (np.log(s) - np.log(s).mean()))
+
+
 def _flag(name: str, value, default: bool) -> bool:
     """A yes/no policy option: True / False, 1 / 0, or the strings true / false / yes / no / on / off."""
     if value is None:
@@ -106,7 +116,8 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
                 ladder=None, kv_dtype: str = "float16", obs: int = 32, chunk: int | None = None,
                 distortion: str = "measured", batch: int | None = None, drop_cost: float | None = None,
                 util_floor: float | None = None, keep_if_fits: bool | None = None,
-                surprisal: float | None = None, lookahead=None, horizon: int | None = None) -> Policy:
+                surprisal: float | None = None, lookahead=None, horizon: int | None = None,
+                head_weight: float | None = None) -> Policy:
     if kv_policy not in KV_POLICIES:
         raise InputError(f"unknown --kv-policy {kv_policy!r}; valid: {', '.join(KV_POLICIES)}")
     if window is None:
@@ -118,6 +129,9 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
         raise InputError(f"horizon must be a whole number of tokens >= 0 (0: no scaling), not {horizon!r}")
     if horizon is not None and kv_policy not in BUDGETED:
         raise InputError(f"horizon is an option of the budgeted policies ({', '.join(BUDGETED)}), not {kv_policy}")
+    if head_weight is not None and kv_policy != "spherical":
+        raise InputError(f"head_weight is an option of the spherical policy (it weighs calibrated distortions), "
+                         f"not {kv_policy}")
     if kv_policy == "full":
         return Policy(budget=budget)
     if sinks < 0 or window < 1:
@@ -153,6 +167,9 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
             raise InputError(f"drop_cost must be > 0 and util_floor >= 0 (got {drop_cost}, {util_floor})")
         if surprisal is not None and not 0 <= float(surprisal) <= 1:
             raise InputError(f"surprisal must be a share between 0 and 1 (got {surprisal})")
+        power = HEAD_WEIGHT_POWER if head_weight is None else head_weight
+        if isinstance(power, bool) or not isinstance(power, (int, float, np.integer, np.floating)) or not 0 <= power <= 4:
+            raise InputError(f"head_weight must be a power between 0 (every head alike) and 4, not {head_weight!r}")
         steps = parse_ladder(ladder)
         dense = steps[0] == DENSE_STEP
         ada_steps = steps[1:] if dense else steps
@@ -180,6 +197,8 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
                       util_floor=float(util_floor if util_floor is not None else SPHERICAL_UTIL_FLOOR),
                       keep_if_fits=_flag("keep_if_fits", keep_if_fits, SPHERICAL_KEEP_IF_FITS),
                       surprisal=float(surprisal if surprisal is not None else SPHERICAL_SURPRISAL),
+                      head_weight=(head_weight_from(calibration.head_sensitivity, float(power))
+                                   if power and calibration.head_sensitivity is not None else None),
                       ladder_by_room=ladder is None, **budgeted, **common)
     if kv_policy == "ada":
         if tier % 8 or not 8 <= tier <= 12 * calibration.q_sq.shape[-1] // 2:

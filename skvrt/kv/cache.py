@@ -69,6 +69,9 @@ class Policy:
     chunk: int | None = None  # largest forward() (default MAX_CHUNK; RDR_CHUNK for rdr)
     batch: int | None = None  # rdr: tokens per (layer, head) that leave the window per round (default a dense page)
     drop_cost: float = 1.0  # rdr: distortion of dropping a token (see rdr.assign)
+    head_weight: np.ndarray | None = None  # rdr: (L, H) each head's distortions, dropping included, times this:
+    # how much the model's output cares about the head's attention (the sidecar's head sensitivity, see
+    # skvrt.head_sensitivity, to a power; geometric mean 1). None: every head alike
     keep_if_fits: bool = False  # rdr: when the budget can hold the whole context (n_ctx) at the cheapest old tier,
     # drop nothing while every token fits there (PagedKVCache.keeps_all, rdr.all_fit_cheapest)
     util_floor: float = 0.0  # rdr: utility every token has whatever attention it got, as a fraction of a uniform
@@ -502,7 +505,7 @@ class PagedKVCache:
         cur = np.zeros(len(pos), np.int64)
         util = rdr.pool_neighbours(lh, pos, self.utilities(pos, mass, lh))
         choice = rdr.choose(lh, cur, util, self._distortion(), self._old_sizes, self.n_layers * self.n_kv_heads,
-                            self._lam, self.policy.drop_cost, self._allow_drop)
+                            self._lam, self._drop_costs(), self._allow_drop)
         before, after = self._old_frames(lh, choice)
         need = after - before
         room = self._old_capacity(reserve_extra, reserve_layers) - before - need
@@ -667,7 +670,7 @@ class PagedKVCache:
         # keep_if_fits: no drops while everything fits the cheapest tier; departures between searches follow suit
         self._allow_drop = not (self.keeps_all and rdr.all_fit_cheapest(lh_all, sizes, capacity, L * H))
         choice, self._lam = rdr.assign(lh_all, cur, util, dist, sizes, capacity, L * H, hint=self._lam,
-                                       drop_cost=self.policy.drop_cost, allow_drop=self._allow_drop)
+                                       drop_cost=self._drop_costs(), allow_drop=self._allow_drop)
         self._apply(lh_all, cur, pos, mass, choice, leaving)
         self.allocator_seconds += time.perf_counter() - t0
         self.allocator_runs += 1
@@ -677,12 +680,22 @@ class PagedKVCache:
             raise ContextOverflowError("KV budget allocator could not make room (internal error)")
 
     def _distortion(self) -> np.ndarray:
+        """(L * H, n old tiers) each tier's distortion, times the head's weight."""
         L, H = self.n_layers, self.n_kv_heads
         n = len(self.pools) - 1
         d = self.policy.distortion
         if d is None:
             return np.zeros((L * H, n))
-        return np.asarray(d, np.float64).reshape(L * H, n)
+        return np.asarray(d, np.float64).reshape(L * H, n) * self._head_weight()[:, None]
+
+    def _drop_costs(self) -> np.ndarray:
+        """(L * H,) the distortion of dropping a token, times the head's weight."""
+        return self.policy.drop_cost * self._head_weight()
+
+    def _head_weight(self) -> np.ndarray:
+        w = self.policy.head_weight
+        n = self.n_layers * self.n_kv_heads
+        return np.ones(n) if w is None else np.asarray(w, np.float64).reshape(n)
 
     def _apply(self, lh_all, cur, pos, mass, choice, leaving) -> None:
         """Carry out a plan: choice[i] = new tier of candidate i (1.. old tiers, len(pools) = drop)."""

@@ -6,7 +6,8 @@ outside the pinned sinks + recent window of every (layer, kv head) and calls `as
     sum_i  utility_i * distortion[lh_i, tier_i]      subject to   sum_(lh, tier) ceil(n_(lh, tier) / P_tier) <= capacity
 
 over all layers and heads at once: tiers are the old-token tiers 1..T (richest first) and drop (T + 1, zero
-bytes, distortion 1); distortions come from calibration (relative to dropping the token). For a Lagrange
+bytes, distortion 1); distortions come from calibration (relative to dropping the token; the cache multiplies
+each head's, dropping included, by its calibrated head weight, skvrt.head_sensitivity). For a Lagrange
 multiplier lam each token independently takes the tier minimising utility * distortion + lam * bytes (bytes
 = 1 / P_tier frames per token); lam is found by bisection so the exact page count (partly filled pages
 included) fits the capacity. Tokens are never promoted -- a stored token keeps its tier or moves to a
@@ -56,7 +57,8 @@ def _costs(lh, cur, util, dist, sizes, n_lh: int, drop_cost: float, allow_drop: 
     """-> cost (n, T + 1) utility x distortion of each tier and drop (inf where it would promote, and for drop
     when not allow_drop), rate (T + 1,) pages per token."""
     T = len(sizes)
-    d = np.concatenate([np.asarray(dist, np.float64), np.full((n_lh, 1), drop_cost)], axis=1)  # (n_lh, T + 1)
+    drop = np.broadcast_to(np.asarray(drop_cost, np.float64).reshape(-1, 1), (n_lh, 1))  # a number or one per head
+    d = np.concatenate([np.asarray(dist, np.float64), drop], axis=1)  # (n_lh, T + 1)
     cost = util.astype(np.float64)[:, None] * d[lh]  # (n, T + 1)
     cost[np.arange(T + 1)[None, :] < np.maximum(cur, 1)[:, None] - 1] = np.inf  # demotions only
     if not allow_drop:
@@ -89,8 +91,9 @@ def assign(lh: np.ndarray, cur: np.ndarray, util: np.ndarray, dist: np.ndarray, 
     call (the search starts around it); drop_cost: the distortion of dropping (1 = the token's whole
     contribution; larger values price in that a dropped token is lost for every later query, which past
     attention does not predict). -> (tier (n,) in 1..T + 1 (T + 1 = drop), never richer than cur;
-    the multiplier used). The smallest multiplier that fits, to rel_tol. Deterministic (ties go to the
-    richer tier). allow_drop False: no token is dropped (the caller checked `all_fit_cheapest`)."""
+    the multiplier used). drop_cost may also be (n_lh,), one per layer-head. The smallest multiplier that fits,
+    to rel_tol. Deterministic (ties go to the richer tier). allow_drop False: no token is dropped (the caller
+    checked `all_fit_cheapest`)."""
     n = len(lh)
     if n == 0:
         return np.zeros(0, np.int64), 0.0

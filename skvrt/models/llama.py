@@ -213,24 +213,30 @@ class Model:
     def n_layers(self) -> int:
         return self.args.num_hidden_layers
 
-    def forward(self, tokens, cache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens, cache, all_logits: bool = False, start=None, taps=None) -> np.ndarray:
         """tokens: (T,) ids appended after the cache's contents -> logits (T, V) or (1, V) for the last token,
         a host (NumPy) float32 array.
 
         The cache stores the new keys/values of every layer and computes attention over everything it holds.
+        For calibration (skvrt.head_sensitivity): start = (layer, x) runs only the layers from `layer` on, on the
+        residual stream x (T, hidden) entering it (the cache's earlier layers get nothing); taps, a list, receives
+        a copy of the residual stream entering each layer that runs.
         """
-        return self.ops.to_host(self.forward_device(tokens, cache, all_logits))
+        return self.ops.to_host(self.forward_device(tokens, cache, all_logits, start, taps))
 
-    def forward_device(self, tokens, cache, all_logits: bool = False):
+    def forward_device(self, tokens, cache, all_logits: bool = False, start=None, taps=None):
         """forward, logits left where the backend computed them (CPU: the same NumPy array)."""
         a, be = self.args, self.ops
         T = len(tokens)
         nq, nkv, D = a.num_attention_heads, a.num_key_value_heads, a.head_dim
         positions = np.arange(cache.offset, cache.offset + T, dtype=np.int64)  # (T,)
         rope = be.rope_ctx(self.rope_freq, positions)  # CPU: cos, sin (T, D); CUDA: device positions
-        x = be.embed(self.embed, tokens)  # (T, H) float32
-        h = be.rms_norm(x, self.layers[0].input_norm, self.eps) if self.layers else None
-        for li, layer in enumerate(self.layers):
+        first, x = (0, be.embed(self.embed, tokens)) if start is None else (start[0], start[1].copy())  # (T, H)
+        h = be.rms_norm(x, self.layers[first].input_norm, self.eps) if first < len(self.layers) else None
+        for li in range(first, len(self.layers)):
+            layer = self.layers[li]
+            if taps is not None:
+                taps.append(x.copy())
             qkv = be.linear(h, layer.wqkv, layer.bqkv)  # (T, (nq + 2 nkv) D)
             q, k, v = be.qkv_heads(qkv, T, nq, nkv, D, rope)  # (nq | nkv, T, D), q and k post-RoPE
             cache.append(li, k, v)
