@@ -29,7 +29,7 @@ import skvrt  # noqa: E402
 from skvrt import evaluate  # noqa: E402
 from skvrt.evaluate import tokenize_text  # noqa: E402
 from skvrt.head_sensitivity import MIN_MASS, head_sensitivity  # noqa: E402
-from skvrt.kv import make_cache  # noqa: E402
+from skvrt.kv import head_weight_from, make_cache  # noqa: E402
 
 
 def measure(a) -> None:
@@ -44,10 +44,9 @@ def measure(a) -> None:
 
 
 def head_weights(path: str, alpha: float) -> np.ndarray:
-    """(L * H,) (s_h / geometric mean of s)^alpha from a `measure` output."""
+    """(L * H,) (s_h / geometric mean of s)^alpha from a `measure` output (skvrt.kv.head_weight_from)."""
     r = np.load(path)
-    s = np.log(r[..., 0] / np.maximum(r[..., 1], MIN_MASS)).reshape(-1)
-    return np.exp(alpha * (s - s.mean()))
+    return head_weight_from(r[..., 0] / np.maximum(r[..., 1], MIN_MASS), alpha).reshape(-1)
 
 
 def dev(a, rest: list[str]) -> None:
