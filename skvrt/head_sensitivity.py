@@ -75,7 +75,7 @@ def head_sensitivity(model, tokens: np.ndarray, frac: float = FRAC, seed: int = 
             return o
 
         cache.append, cache.attend = keeping_append, dropping_attend
-        z = model.forward(tokens, cache, all_logits=True, start=start, taps=taps)[scored]
+        z = model.forward(tokens, cache, start=start, taps=taps, rows=scored)  # (scored, V)
         top = z.max(axis=1)
         return z, top + np.log(np.exp(z - top[:, None]).sum(axis=1, dtype=np.float64)), mass[0]
 

@@ -91,6 +91,16 @@ def test_head_sensitivity_matches_the_whole_sequence_twin(tiny):
         head_sensitivity(tiny, tokens[:FIRST_SCORED])
 
 
+def test_forward_returns_only_the_rows_asked_for(tiny):
+    """rows= (the measurement's scored positions) gives the same logits as every row's, sliced."""
+    tokens = np.random.default_rng(2).integers(0, 97, size=40)
+    rows = np.arange(3, 40, 5)
+    every = tiny.forward(tokens, make_cache(tiny.args, n_ctx=40, kv_dtype="float32"), all_logits=True)  # (40, V)
+    some = tiny.forward(tokens, make_cache(tiny.args, n_ctx=40, kv_dtype="float32"), rows=rows)  # (8, V)
+    assert some.shape == (len(rows), every.shape[1])
+    np.testing.assert_allclose(some, every[rows], rtol=1e-5, atol=1e-6)
+
+
 def test_a_head_the_output_ignores_has_no_sensitivity(tiny):
     """Zero the output projection of kv head 1's query group in layer 1: masking keys there moves nothing."""
     a = tiny.args

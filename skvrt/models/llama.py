@@ -213,18 +213,19 @@ class Model:
     def n_layers(self) -> int:
         return self.args.num_hidden_layers
 
-    def forward(self, tokens, cache, all_logits: bool = False, start=None, taps=None) -> np.ndarray:
+    def forward(self, tokens, cache, all_logits: bool = False, start=None, taps=None, rows=None) -> np.ndarray:
         """tokens: (T,) ids appended after the cache's contents -> logits (T, V) or (1, V) for the last token,
         a host (NumPy) float32 array.
 
         The cache stores the new keys/values of every layer and computes attention over everything it holds.
         For calibration (skvrt.head_sensitivity): start = (layer, x) runs only the layers from `layer` on, on the
         residual stream x (T, hidden) entering it (the cache's earlier layers get nothing); taps, a list, receives
-        a copy of the residual stream entering each layer that runs.
+        a copy of the residual stream entering each layer that runs; rows, indices into tokens, returns the logits
+        of those rows only (R, V), as llama.cpp's per-token output flags (the vocabulary projection is the cost).
         """
-        return self.ops.to_host(self.forward_device(tokens, cache, all_logits, start, taps))
+        return self.ops.to_host(self.forward_device(tokens, cache, all_logits, start, taps, rows))
 
-    def forward_device(self, tokens, cache, all_logits: bool = False, start=None, taps=None):
+    def forward_device(self, tokens, cache, all_logits: bool = False, start=None, taps=None, rows=None):
         """forward, logits left where the backend computed them (CPU: the same NumPy array)."""
         a, be = self.args, self.ops
         T = len(tokens)
@@ -252,9 +253,9 @@ class Model:
             logits = be.linear(be.rms_norm(x, self.norm, self.eps), self.lm_head)  # (T, V)
             self._note_surprisal(tokens, positions, logits, cache)
             cache.advance(T)
-            return logits if all_logits else logits[-1:]
+            return logits[rows] if rows is not None else logits if all_logits else logits[-1:]
         cache.advance(T)
-        x = x if all_logits else x[-1:]
+        x = x[rows] if rows is not None else x if all_logits else x[-1:]
         x = be.rms_norm(x, self.norm, self.eps)
         return be.linear(x, self.lm_head)  # (T or 1, V)
 
