@@ -182,6 +182,30 @@ def load_calibration(folder: str | Path) -> Calibration | None:
     return cal
 
 
+CURRENT_TABLES = ("q_sq", "k_range_sq", "angle_err", "radius_err", "ladder_distortion", "head_sensitivity")
+
+
+def missing_tables(folder: str | Path) -> list[str] | None:
+    """What a sidecar that skvrt calibrated itself (self-generated text) lacks of what `calibrate` measures now
+    (tables added by later versions), from its header alone; None when there is no sidecar, it is not one, or a
+    user calibrated it on their own text (theirs to redo, `load_calibration` says so)."""
+    path = Path(folder) / SIDECAR
+    if not path.is_file():
+        return None
+    try:
+        header, _ = read_safetensors_header(path)
+        meta = json.loads(header.get("__metadata__", {}).get("skvrt", "{}"))
+    except (ModelLoadError, json.JSONDecodeError, TypeError, AttributeError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("source") != "self-generated":
+        return None
+    missing = [n for n in CURRENT_TABLES if n not in header]
+    measured = {tuple(t) for t in meta.get("ladder", []) if isinstance(t, list)}
+    if "ladder_distortion" not in missing and not set(MEASURED_TIERS) <= measured:
+        missing.append("ladder_distortion of every tier in the menu")
+    return missing
+
+
 def self_generated_text(llm, tokens_per_prompt: int = 160, seed: int = 0) -> str:
     """Calibration text the model writes itself (seeded sampling), so no evaluation text is ever used."""
     parts = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import types
 
 import numpy as np
@@ -267,3 +268,50 @@ def test_default_model_is_calibrated_and_ada_generates(converted_default):
     text = llm.generate("The history of the Roman Empire begins", max_tokens=100, temp=0)
     assert llm.cache.stats()["pages_by_tier"]["ada192-v4"] > 0  # tokens really moved to ADA pages
     assert len(text) > 100
+
+
+def test_pull_calibrates_again_what_an_older_skvrt_calibrated(tiny, tmp_path, monkeypatch, capsys):
+    """`skvrt pull` (run by every command that loads the default model) redoes a self-generated sidecar that lacks a
+    table this version measures, with a message naming it; a current one, or one a user made from their own text, is
+    left alone."""
+    from skvrt import store
+    from skvrt.calibrate import missing_tables
+
+    folder, _ = tiny
+    monkeypatch.setenv("SKVRT_HOME", str(tmp_path / "home"))
+    dest = store.model_dir(store.DEFAULT_MODEL)
+    shutil.copytree(folder, dest)
+    (dest / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr(store, "_refresh_tokenizer", lambda source, folder: None)
+    calls = []
+    monkeypatch.setattr(store, "_calibrate", lambda folder: calls.append(folder))
+    rng = np.random.default_rng(0)
+    L, H, D = 3, 2, 16
+    shape = (L, H, D // 2, 7)
+
+    def sidecar(source="self-generated", ladder=MEASURED_TIERS, **drop):
+        tables = dict(angle_err=rng.random(shape), radius_err=rng.random(shape),
+                      ladder_distortion=rng.random((L, H, len(ladder))), head_sensitivity=rng.random((L, H)))
+        for name in drop:
+            tables[name] = None
+        if "angle_err" in drop:
+            tables["radius_err"] = None
+        Calibration(rng.random((L, H, D)), rng.random((L, H, D)),
+                    {"format": 1, "source": source, "ladder": [list(t) for t in ladder]}, **tables).save(dest)
+
+    assert missing_tables(dest) is None  # no sidecar: pull calibrates because there is none
+    assert store.pull() == dest and calls == [dest]
+    sidecar()
+    assert missing_tables(dest) == []
+    store.pull()
+    assert calls == [dest]  # current: nothing redone
+    sidecar(head_sensitivity=None)
+    capsys.readouterr()
+    store.pull()
+    assert calls == [dest, dest] and "no head_sensitivity" in capsys.readouterr().err
+    sidecar(angle_err=None, ladder=((256, 4), (192, 2)))
+    assert missing_tables(dest) == ["angle_err", "radius_err", "ladder_distortion of every tier in the menu"]
+    sidecar(source="my-notes.txt", head_sensitivity=None)  # the user's own calibration: theirs to redo
+    assert missing_tables(dest) is None
+    store.pull()
+    assert calls == [dest, dest]
