@@ -138,16 +138,22 @@ class Calibration:
         return write_safetensors(folder / SIDECAR, tensors, metadata={"skvrt": json.dumps(self.meta)})
 
 
+def _sidecar_meta(header: dict) -> dict:
+    """The skvrt metadata of a sidecar's safetensors header ({} when absent or not JSON)."""
+    try:
+        meta = json.loads(header.get("__metadata__", {}).get("skvrt", "{}"))
+    except (json.JSONDecodeError, TypeError, AttributeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def load_calibration(folder: str | Path) -> Calibration | None:
     path = Path(folder) / SIDECAR
     if not path.is_file():
         return None
     t = read_safetensors(path)
     header, _ = read_safetensors_header(path)
-    try:
-        meta = json.loads(header.get("__metadata__", {}).get("skvrt", "{}"))
-    except (json.JSONDecodeError, TypeError):
-        meta = {}
+    meta = _sidecar_meta(header)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "q_sq" not in t or "k_range_sq" not in t:
         raise ModelLoadError(f"{path} is not a skvrt calibration sidecar of format {FORMAT}; run `skvrt calibrate`")
     cal = Calibration(np.asarray(t["q_sq"]), np.asarray(t["k_range_sq"]), meta)
@@ -194,9 +200,9 @@ def missing_tables(folder: str | Path) -> list[str] | None:
         return None
     try:
         header, _ = read_safetensors_header(path)
-        meta = json.loads(header.get("__metadata__", {}).get("skvrt", "{}"))
-    except (ModelLoadError, json.JSONDecodeError, TypeError, AttributeError):
+    except ModelLoadError:
         return None
+    meta = _sidecar_meta(header)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("source") != "self-generated":
         return None
     missing = [n for n in CURRENT_TABLES if n not in header]

@@ -141,16 +141,16 @@ def is_complete(folder: Path) -> bool:
 def pull(name: str = DEFAULT_MODEL, force: bool = False, calibrate: bool = True) -> Path:
     """Fetch, verify and convert a known model into the store, then calibrate it for ADA (self-generated
     text); repeated calls reuse what is there."""
-    from .calibrate import missing_tables
+    from .calibrate import SIDECAR, missing_tables
     from .gguf_import import convert_gguf
 
     dest = model_dir(name)
     if is_complete(dest) and not force:
         _refresh_tokenizer(lambda: gguf_path(name), dest)
-        if calibrate and not (dest / "skvrt-kv.safetensors").is_file():
+        if calibrate and not (dest / SIDECAR).is_file():
             _calibrate(dest)
         elif calibrate and (missing := missing_tables(dest)):
-            print(f"skvrt: {dest.name}/skvrt-kv.safetensors was calibrated by an older skvrt (no "
+            print(f"skvrt: {dest.name}/{SIDECAR} was calibrated by an older skvrt (no "
                   f"{', '.join(missing)}); calibrating again", file=sys.stderr)
             _calibrate(dest)
         return dest
