@@ -117,8 +117,7 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
                 distortion: str = "measured", batch: int | None = None, drop_cost: float | None = None,
                 util_floor: float | None = None, keep_if_fits: bool | None = None,
                 surprisal: float | None = None, lookahead=None, horizon: int | None = None,
-                head_weight: float | None = None, head_adapt: float = 0.0, value_aware: float = 0.0,
-                value_center: bool = False) -> Policy:
+                head_weight: float | None = None) -> Policy:
     if kv_policy not in KV_POLICIES:
         raise InputError(f"unknown --kv-policy {kv_policy!r}; valid: {', '.join(KV_POLICIES)}")
     if window is None:
@@ -200,8 +199,7 @@ def make_policy(kv_policy: str = "full", sinks: int = 4, window: int | None = No
                       surprisal=float(surprisal if surprisal is not None else SPHERICAL_SURPRISAL),
                       head_weight=(head_weight_from(calibration.head_sensitivity, float(power))
                                    if power and calibration.head_sensitivity is not None else None),
-                      ladder_by_room=ladder is None, head_adapt=float(head_adapt),
-                      value_aware=float(value_aware), value_center=_flag("value_center", value_center, False), **budgeted, **common)
+                      ladder_by_room=ladder is None, **budgeted, **common)
     if kv_policy == "ada":
         if tier % 8 or not 8 <= tier <= 12 * calibration.q_sq.shape[-1] // 2:
             raise InputError(f"ada tier must be a multiple of 8 key bits per token per head, 8..., not {tier}")

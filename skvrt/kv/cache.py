@@ -44,7 +44,6 @@ DECODE_AHEAD = 2  # rdr: a search during decode leaves room for this many rounds
 # text, 10 % budget: a search every round KL 0.0622, 2 rounds ahead 0.0643, 4 ahead 0.0673 (idle frames) --
 # at most AHEAD_SHARE of the arena (snapkv / h2o, whose old tier is dense, would idle a page per head a round)
 AHEAD_SHARE = 1 / 50
-ADAPT_ROUNDS = 2  # rdr head_adapt: re-solves per search with refined head weights
 SURPRISAL_CAP = 8.0  # rdr: most uniform shares of utility floor a token's surprisal earns (Policy.surprisal);
 # also what a token gets before its surprisal is known (the prefill tokens that leave the window inside the
 # forward that computes it): unread text is not presumed predictable
@@ -73,12 +72,6 @@ class Policy:
     head_weight: np.ndarray | None = None  # rdr: (L, H) each head's distortions, dropping included, times this:
     # how much the model's output cares about the head's attention (the sidecar's head sensitivity, see
     # skvrt.head_sensitivity, to a power; geometric mean 1). None: every head alike
-    head_adapt: float = 0.0  # rdr (experimental): each head's weight also x (the utility x distortion its plan
-    # loses / the geometric mean over heads) ^ this, refined at every search (ADAPT_ROUNDS re-solves): a head's
-    # output KL grows ~ quadratically in the attention mass dropped from it, so its marginal price rises with it
-    value_aware: float = 0.0  # rdr (experimental): utility x (|v - c| / its mean over the head's old tokens) ^ this,
-    # c the head's mean value (value_center) or 0: dropping token i moves a query's output by a_i (o - v_i) / (1 - a_i)
-    value_center: bool = False
     keep_if_fits: bool = False  # rdr: when the budget can hold the whole context (n_ctx) at the cheapest old tier,
     # drop nothing while every token fits there (PagedKVCache.keeps_all, rdr.all_fit_cheapest)
     util_floor: float = 0.0  # rdr: utility every token has whatever attention it got, as a fraction of a uniform
@@ -225,10 +218,6 @@ class PagedKVCache:
         self._descs = {}  # (layer, with mass) -> ctypes TierDesc array for the C decode kernel
         self._obs = []  # positions of the queries whose attention was added to `mass` (sorted)
         self._pending_obs = []  # this forward's observers, recorded by attend(layer 0), committed by advance
-        self._vnorm = np.full((heads, n_ctx), np.nan, np.float32) if policy.value_aware else None  # value_aware
-        self._vsum = np.zeros((heads, head_dim))  # value_center: sum of departed values per head
-        self._vcnt = np.zeros(heads)
-        self._adapt = np.ones(heads)  # (L H,) head_adapt's factor on each head's weight
         self._lam = None  # the allocator's last Lagrange multiplier (its next search starts there)
         self._allow_drop = True  # whether the last search could drop (keep_if_fits)
         self._departed = set()  # layers whose tokens leaving in this forward already took their tiers (_depart)
@@ -462,14 +451,6 @@ class PagedKVCache:
         for layer in layers:
             for h in range(H):
                 leaving[layer * H + h] = self._take_dense(layer, h, lo, hi)
-                if self._vnorm is not None:
-                    _, v, pos, _ = leaving[layer * H + h]
-                    i = layer * H + h
-                    if self.policy.value_center and len(pos):
-                        self._vsum[i] += v.sum(0)
-                        self._vcnt[i] += len(pos)
-                        v = v - self._vsum[i] / self._vcnt[i]
-                    self._vnorm[i, pos] = np.linalg.norm(v, axis=1)
                 self._compact_dense(layer, h)
                 if self._look_q is not None:
                     self._note_prior(layer, h, leaving[layer * H + h][0], leaving[layer * H + h][2])
@@ -605,16 +586,6 @@ class PagedKVCache:
         only the queries after the prompt (a second pass observes nothing)."""
         layer = None if lh is None else lh // self.n_kv_heads
         prior = 0.0 if self._prior is None or lh is None else self._prior[lh, pos]
-        u = self._utilities(pos, mass, lh, layer, prior)
-        if self._vnorm is None or lh is None:
-            return u
-        with np.errstate(all="ignore"):
-            mean = np.nanmean(self._vnorm[:, : max(self.offset, 1)], axis=1)  # (L H,)
-        f = self._vnorm[lh, pos].astype(np.float64) / np.maximum(mean[lh], 1e-12)
-        f = np.where(np.isfinite(f), f, 1.0)
-        return u * np.maximum(f, 1e-3) ** self.policy.value_aware
-
-    def _utilities(self, pos, mass, lh, layer, prior) -> np.ndarray:
         if self.policy.utility == "mean":
             obs = np.asarray(self._obs, np.int64)
             n_obs = len(obs) - np.searchsorted(obs, pos, side="left")  # observing queries at or after pos
@@ -700,10 +671,6 @@ class PagedKVCache:
         self._allow_drop = not (self.keeps_all and rdr.all_fit_cheapest(lh_all, sizes, capacity, L * H))
         choice, self._lam = rdr.assign(lh_all, cur, util, dist, sizes, capacity, L * H, hint=self._lam,
                                        drop_cost=self._drop_costs(), allow_drop=self._allow_drop)
-        for _ in range(ADAPT_ROUNDS if self.policy.head_adapt else 0):
-            self._adapt_weights(lh_all, util, choice)
-            choice, self._lam = rdr.assign(lh_all, cur, util, self._distortion(), sizes, capacity, L * H,
-                                           hint=self._lam, drop_cost=self._drop_costs(), allow_drop=self._allow_drop)
         self._apply(lh_all, cur, pos, mass, choice, leaving)
         self.allocator_seconds += time.perf_counter() - t0
         self.allocator_runs += 1
@@ -711,19 +678,6 @@ class PagedKVCache:
         self._reclaim(need)
         if self.arena.n_free < need:
             raise ContextOverflowError("KV budget allocator could not make room (internal error)")
-
-    def _adapt_weights(self, lh: np.ndarray, util: np.ndarray, choice: np.ndarray) -> None:
-        """head_adapt: move each head's factor halfway (in log) toward (its loss / geometric mean) ^ head_adapt,
-        its loss being sum of utility x relative distortion (drop: drop_cost) over its tokens under `choice`."""
-        L, H = self.n_layers, self.n_kv_heads
-        n = len(self.pools) - 1
-        d = np.zeros((L * H, n)) if self.policy.distortion is None else np.asarray(self.policy.distortion,
-                                                                                    np.float64).reshape(L * H, n)
-        d = np.concatenate([d, np.full((L * H, 1), self.policy.drop_cost)], axis=1)
-        loss = np.bincount(lh, util * d[lh, choice - 1], minlength=L * H)
-        loss = np.maximum(loss, 0.05 * max(float(loss.mean()), 1e-30))  # a head that loses little is not priced at 0
-        target = np.exp(self.policy.head_adapt * (np.log(loss) - np.log(loss).mean()))
-        self._adapt = np.sqrt(self._adapt * target)
 
     def _distortion(self) -> np.ndarray:
         """(L * H, n old tiers) each tier's distortion, times the head's weight."""
@@ -741,7 +695,7 @@ class PagedKVCache:
     def _head_weight(self) -> np.ndarray:
         w = self.policy.head_weight
         n = self.n_layers * self.n_kv_heads
-        return self._adapt * (np.ones(n) if w is None else np.asarray(w, np.float64).reshape(n))
+        return np.ones(n) if w is None else np.asarray(w, np.float64).reshape(n)
 
     def _apply(self, lh_all, cur, pos, mass, choice, leaving) -> None:
         """Carry out a plan: choice[i] = new tier of candidate i (1.. old tiers, len(pools) = drop)."""
@@ -1037,10 +991,6 @@ class PagedKVCache:
 
         truncate(offset) removes what an interrupted forward pass appended without committing."""
         self._pending_obs = []
-        if n_tokens == 0 and self._vnorm is not None:
-            self._vnorm[:] = np.nan
-            self._vsum[:] = 0
-            self._vcnt[:] = 0
         self._departed = set()
         self._attended = -1
         if n_tokens > self.offset:
